@@ -1,0 +1,233 @@
+"""synthbirds writes the exact CUB layout, deterministically, and is fine-grained in fact, not only in name."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from fgvc.data import synthbirds
+from fgvc.data.synthbirds import CLASS_FACTORS, SynthBirdsSpec, generate
+
+from .conftest import SMALL_SPEC
+
+CUB_PARTS = ["back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing", "nape",
+             "right eye", "right leg", "right wing", "tail", "throat"]
+
+
+def parse_tree(root: Path) -> dict:
+    """A deliberately independent, minimal reader of the CUB text files (not fgvc's loader)."""
+
+    def rows(name: str, maxsplit: int = -1) -> list[list[str]]:
+        return [line.split(" ", maxsplit) for line in (root / name).read_text().splitlines()]
+
+    return {
+        "images": {int(i): p for i, p in rows("images.txt", 1)},
+        "classes": {int(i): n for i, n in rows("classes.txt", 1)},
+        "labels": {int(i): int(c) for i, c in rows("image_class_labels.txt")},
+        "split": {int(i): int(s) for i, s in rows("train_test_split.txt")},
+        "boxes": {int(r[0]): [float(v) for v in r[1:]] for r in rows("bounding_boxes.txt")},
+        "parts": {int(i): n for i, n in rows("parts/parts.txt", 1)},
+        "part_locs": rows("parts/part_locs.txt"),
+        "attributes": {int(i): n for i, n in rows("attributes/attributes.txt", 1)},
+        "attribute_labels": rows("attributes/image_attribute_labels.txt"),
+    }
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_files_parse_with_consistent_counts(small_birds: Path) -> None:
+    tree = parse_tree(small_birds)
+    n_images = SMALL_SPEC.num_classes * SMALL_SPEC.images_per_class
+    assert sorted(tree["images"]) == list(range(1, n_images + 1))
+    assert len(tree["classes"]) == SMALL_SPEC.num_classes
+    assert all(name.startswith(f"{i:03d}.") for i, name in tree["classes"].items())
+    assert set(tree["labels"]) == set(tree["split"]) == set(tree["boxes"]) == set(tree["images"])
+    assert [tree["parts"][i] for i in range(1, 16)] == CUB_PARTS
+    assert len(tree["part_locs"]) == 15 * n_images
+    assert len(tree["attribute_labels"]) == len(tree["attributes"]) * n_images
+    assert all(len(r) == 5 for r in tree["part_locs"] + tree["attribute_labels"])
+
+    train_per_class = Counter(tree["labels"][i] for i, s in tree["split"].items() if s == 1)
+    assert set(train_per_class.values()) == {round(SMALL_SPEC.train_fraction * SMALL_SPEC.images_per_class)}
+    for image_id, relative in tree["images"].items():
+        folder = relative.split("/")[0]
+        assert folder == tree["classes"][tree["labels"][image_id]]  # images/<NNN.Class>/..., as in CUB
+        with Image.open(small_birds / "images" / relative) as image:
+            assert image.format == "JPEG" and image.mode == "RGB" and image.size == (64, 64)
+        x, y, w, h = tree["boxes"][image_id]
+        assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= 64 and y + h <= 64
+
+    visible = [r for r in tree["part_locs"] if r[4] == "1"]
+    hidden = [r for r in tree["part_locs"] if r[4] == "0"]
+    assert all(r[2:] == ["0.0", "0.0", "0"] for r in hidden)  # CUB's way of writing "not visible"
+    assert all(-0.5 <= float(r[2]) < 63.5 and -0.5 <= float(r[3]) < 63.5 for r in visible)
+    # A side view: exactly one eye and one wing can be seen (unless covered or out of frame), never both.
+    by_image = {}
+    for image_id, part_id, _, _, v in tree["part_locs"]:
+        by_image.setdefault(image_id, {})[tree["parts"][int(part_id)]] = v == "1"
+    for seen in by_image.values():
+        assert not (seen["left eye"] and seen["right eye"]) and not (seen["left wing"] and seen["right wing"])
+
+
+def test_same_seed_is_byte_identical_and_worker_count_does_not_matter(tmp_path: Path, small_birds: Path) -> None:
+    generate(tmp_path / "again", SMALL_SPEC, workers=2)
+    assert tree_digest(tmp_path / "again") == tree_digest(small_birds)
+
+
+def test_different_seed_differs(tmp_path: Path, small_birds: Path) -> None:
+    other = SynthBirdsSpec(**{**SMALL_SPEC.__dict__, "seed": SMALL_SPEC.seed + 1})
+    generate(tmp_path / "other", other)
+    a, b = tree_digest(tmp_path / "other"), tree_digest(small_birds)
+    images_a = {k: v for k, v in a.items() if k.endswith(".jpg")}
+    images_b = {k: v for k, v in b.items() if k.endswith(".jpg")}
+    assert not set(images_a.values()) & set(images_b.values())
+    assert a["parts/part_locs.txt"] != b["parts/part_locs.txt"]
+
+
+def class_factor_tuples(root: Path) -> tuple[dict[int, tuple], dict[int, int]]:
+    """Per image, the values of the class-defining attributes read from image_attribute_labels.txt."""
+    tree = parse_tree(root)
+    present = {}
+    for image_id, attribute_id, is_present, *_ in tree["attribute_labels"]:
+        if is_present == "1":
+            factor, value = tree["attributes"][int(attribute_id)].split("::")
+            present.setdefault(int(image_id), {})[factor] = value
+    return {i: tuple(v[f] for f in CLASS_FACTORS) for i, v in present.items()}, tree["labels"]
+
+
+def test_part_attributes_determine_the_class_exactly(small_birds: Path) -> None:
+    tuples, labels = class_factor_tuples(small_birds)
+    class_of_tuple = {}
+    for image_id, combo in tuples.items():
+        assert class_of_tuple.setdefault(combo, labels[image_id]) == labels[image_id]
+    assert len(class_of_tuple) == SMALL_SPEC.num_classes  # and no two classes share a combination
+
+
+@pytest.mark.parametrize("num_classes", [10, 11, 50, 216])
+def test_every_class_has_a_one_part_neighbour(num_classes: int) -> None:
+    classes = [tuple(c.values()) for c in synthbirds.class_attributes(num_classes, seed=0)]
+    assert len(set(classes)) == num_classes
+    differing = {(a, b): sum(x != y for x, y in zip(classes[a], classes[b], strict=True))
+                 for a, b in itertools.combinations(range(num_classes), 2)}
+    for c in range(num_classes):
+        assert min(d for pair, d in differing.items() if c in pair) == 1
+    # Every value of every factor is used once there are enough classes (a first class shows 5 of the 15 values and
+    # each one-step neighbour adds at most one more, so 11 classes are needed).
+    if num_classes >= 11:
+        for f, values in enumerate(CLASS_FACTORS.values()):
+            assert {combo[f] for combo in classes} == set(values)
+
+
+def test_discriminative_parts_are_small(small_birds: Path) -> None:
+    areas = json.loads((small_birds / synthbirds.METADATA_FILE).read_text())["factor_area_fraction"]
+    assert set(areas) == set(CLASS_FACTORS)
+    assert all(0 < a < 0.05 for a in areas.values()), areas
+
+
+def colour_features(images: list[np.ndarray]) -> np.ndarray:
+    """Mean colour and a 4x4x4 joint colour histogram per image: everything global colour statistics can offer."""
+    features = []
+    for image in images:
+        q = (image // 64).reshape(-1, 3).astype(int)
+        histogram = np.bincount(q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2], minlength=64) / len(q)
+        features.append(np.concatenate([image.reshape(-1, 3).mean(0) / 255, histogram]))
+    return np.array(features)
+
+
+def test_global_colour_statistics_score_near_chance(tmp_path: Path) -> None:
+    spec = SynthBirdsSpec(num_classes=10, images_per_class=60, train_fraction=0.5, image_size=64, seed=5)
+    generate(tmp_path / "birds", spec)
+    tree = parse_tree(tmp_path / "birds")
+    ids = sorted(tree["images"])
+    images = [np.asarray(Image.open(tmp_path / "birds" / "images" / tree["images"][i])) for i in ids]
+    x = colour_features(images)
+    y = np.array([tree["labels"][i] for i in ids])
+    train = np.array([tree["split"][i] == 1 for i in ids])
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000))
+    accuracy = classifier.fit(x[train], y[train]).score(x[~train], y[~train])
+    assert accuracy < 0.2, f"colour statistics reach {accuracy:.1%} (chance 10%): colour leaks the class"
+
+    # The colour is there, just not globally: the same classifier reads the class's crown colour almost perfectly
+    # from the few pixels around the annotated crown keypoint.
+    crown_part = next(i for i, name in tree["parts"].items() if name == "crown")
+    crown_xy = {int(r[0]): (float(r[2]), float(r[3]))
+                for r in tree["part_locs"] if int(r[1]) == crown_part and r[4] == "1"}
+    crown_attribute = {}
+    for image_id, attribute_id, is_present, *_ in tree["attribute_labels"]:
+        name = tree["attributes"][int(attribute_id)]
+        if name.startswith("has_crown_color::") and is_present == "1":
+            crown_attribute[int(image_id)] = name
+    seen = np.array([i in crown_xy for i in ids])
+    patches = np.array([
+        images[k][round(crown_xy[i][1]), round(crown_xy[i][0])] / 255 if seen[k] else np.zeros(3)
+        for k, i in enumerate(ids)
+    ])
+    z = np.array([crown_attribute[i] for i in ids])
+    local = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    local_accuracy = local.fit(patches[train & seen], z[train & seen]).score(patches[~train & seen], z[~train & seen])
+    assert local_accuracy > 0.9, local_accuracy
+
+
+def test_existing_output_is_refused_and_failures_leave_nothing(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "birds"
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        generate(out, SMALL_SPEC)
+    out.rmdir()
+
+    calls = []
+
+    def fail_on_fifth(job):
+        calls.append(job)
+        if len(calls) == 5:
+            raise RuntimeError("disk on fire")
+        return real(job)
+
+    real = synthbirds._draw_and_save
+    monkeypatch.setattr(synthbirds, "_draw_and_save", fail_on_fifth)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        generate(out, SMALL_SPEC)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a half-written staging folder
+
+
+def test_overwrite_replaces_atomically(tmp_path: Path, small_birds: Path) -> None:
+    out = tmp_path / "birds"
+    generate(out, SynthBirdsSpec(num_classes=2, images_per_class=2, image_size=32))
+    generate(out, SMALL_SPEC, overwrite=True)
+    assert tree_digest(out) == tree_digest(small_birds)
+    assert [p.name for p in tmp_path.iterdir()] == ["birds"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("num_classes", 0, "num_classes"), ("num_classes", 217, "num_classes"), ("images_per_class", 1, "images_per"),
+     ("train_fraction", 1.0, "train_fraction"), ("image_size", 16, "image_size"), ("difficulty", 1.5, "difficulty")],
+)
+def test_invalid_spec_names_the_field(field: str, value, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SynthBirdsSpec(**{field: value})
+
+
+def test_cli_generates_and_summarizes(tmp_path: Path, capsys) -> None:
+    synthbirds.main(["--out", str(tmp_path / "cli"), "--num-classes", "3", "--images-per-class", "4",
+                     "--image-size", "48", "--seed", "2"])
+    printed = capsys.readouterr().out
+    assert "12 images (48 px) of 3 classes" in printed
+    assert "splits: train" in printed and "test 6" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        synthbirds.main(["--out", str(tmp_path / "cli")])
+    assert exit_info.value.code == 2
+    assert "already exists" in capsys.readouterr().err
