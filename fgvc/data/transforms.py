@@ -1,0 +1,127 @@
+"""Part-aware Albumentations presets: the box and the part keypoints move with the image.
+
+Conventions (those of Albumentations): keypoints are pixel-centre coordinates (pixel k has its centre at x = k), boxes
+are (x, y, width, height) in pixel edges. A keypoint that leaves the frame becomes not visible -- it is never clipped
+onto the border -- and a mirror image relabels left and right parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+
+from fgvc.data.parts import mirror_permutation
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_RATIO = 0.875  # resize to size / 0.875, centre-crop size: ImageNet's 256 -> 224, FGVC's 512 -> 448
+# Transforms that produce a mirror image, so "left eye" must become "right eye" each time one is applied.
+MIRRORS = {"HorizontalFlip", "VerticalFlip", "Transpose"}
+UNSUPPORTED = {"D4", "SquareSymmetry"}  # mirror or not depending on a hidden draw: their left/right is unknowable
+
+
+def train_transform(image_size: int, *, resize_size: int | None = None, crop: str = "random_resized",
+                    crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5, color_jitter: float = 0.2,
+                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> A.Compose:
+    """Training preset.
+
+    crop="resize_crop": resize the short side to `resize_size` (default image_size / 0.875), random crop (the
+    standard FGVC recipe, e.g. 512 -> 448). crop="random_resized": random resized crop with `crop_scale`.
+    Colour jitter changes brightness, contrast and saturation but never hue: in fine-grained data a colour is often
+    the class (a red versus a yellow crown).
+    """
+    if crop == "resize_crop":
+        geometry = [A.SmallestMaxSize(max_size=resize_size or round(image_size / EVAL_CROP_RATIO)),
+                    A.RandomCrop(image_size, image_size)]
+    elif crop == "random_resized":
+        geometry = [A.RandomResizedCrop(size=(image_size, image_size), scale=crop_scale, ratio=(3 / 4, 4 / 3))]
+    else:
+        raise ValueError(f"unknown crop {crop!r}; choose 'resize_crop' or 'random_resized'")
+    if hflip > 0:
+        geometry.append(A.HorizontalFlip(p=hflip))
+    color = [A.ColorJitter(color_jitter, color_jitter, color_jitter, hue=0.0, p=1.0)] if color_jitter > 0 else []
+    return part_aware_compose(geometry + color, mean, std)
+
+
+def eval_transform(image_size: int, *, resize_size: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> A.Compose:
+    """Evaluation preset: resize the short side to image_size / 0.875 (or `resize_size`), centre crop."""
+    return part_aware_compose([A.SmallestMaxSize(max_size=resize_size or round(image_size / EVAL_CROP_RATIO)),
+                     A.CenterCrop(image_size, image_size)], mean, std)
+
+
+def part_aware_compose(transforms: list, mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD) -> A.Compose:
+    """Wrap geometric/photometric transforms with normalization and the box and keypoint bookkeeping that
+    PartAwareTransform needs; use it to build custom pipelines."""
+    return A.Compose(
+        [*transforms, A.Normalize(mean=mean, std=std), ToTensorV2()],
+        bbox_params=A.BboxParams(format="coco", label_fields=["bbox_labels"], clip=True),
+        keypoint_params=A.KeypointParams(format="xy", remove_invisible=False),
+        save_applied_params=True,  # tells PartAwareTransform which mirrors were applied
+    )
+
+
+class PartAwareTransform:
+    """Applies an Albumentations Compose to a raw sample dict (fgvc.data.cub) and returns tensors.
+
+    The randomness of one call is fixed by `seed`, so the caller decides what it depends on (fgvc.data.loader uses
+    (run seed, epoch, sample index)). Output keys: image (3 x H x W float), label, index, and where present bbox
+    (x, y, w, h; all zeros when the box left the frame), parts (P x 3: x, y, visible), attributes.
+    """
+
+    def __init__(self, compose: A.Compose, part_names: Sequence[str] | None = None) -> None:
+        _refuse_unknown_mirrors(compose)
+        if not compose.save_applied_params:
+            raise ValueError("PartAwareTransform needs A.Compose(..., save_applied_params=True) to track mirrors")
+        self.compose = compose
+        self.mirror = mirror_permutation(part_names) if part_names is not None else None
+
+    def __call__(self, sample: dict, seed: int) -> dict:
+        image = sample["image"]
+        has_box, has_parts = "bbox" in sample, "parts" in sample
+        if has_parts and self.mirror is None:
+            raise ValueError("sample has parts but the transform was built without part_names")
+        parts = np.asarray(sample["parts"], dtype=np.float32) if has_parts else np.zeros((0, 3), np.float32)
+        visible = parts[:, 2] > 0
+        self.compose.set_random_seed(seed)
+        out = self.compose(
+            image=image,
+            bboxes=np.asarray(sample["bbox"], dtype=np.float32)[None] if has_box else np.zeros((0, 4), np.float32),
+            bbox_labels=np.zeros(int(has_box)),
+            keypoints=parts[visible, :2],
+        )
+        result = {"image": out["image"], "label": sample["label"], "index": sample["index"]}
+        if has_box:
+            box = out["bboxes"][0] if len(out["bboxes"]) else np.zeros(4, np.float32)  # box fully cropped away
+            result["bbox"] = torch.as_tensor(box, dtype=torch.float32)
+        if has_parts:
+            result["parts"] = torch.from_numpy(self._moved_parts(parts, visible, out))
+        if "attributes" in sample:
+            result["attributes"] = torch.as_tensor(sample["attributes"], dtype=torch.float32)
+        return result
+
+    def _moved_parts(self, parts: np.ndarray, visible: np.ndarray, out: dict) -> np.ndarray:
+        height, width = out["image"].shape[-2:]
+        moved = np.zeros_like(parts)
+        xy = np.asarray(out["keypoints"], dtype=np.float32).reshape(-1, 2)
+        # Pixel k spans [k - 0.5, k + 0.5): beyond that the point is outside the image, hence not visible.
+        inside = (xy[:, 0] >= -0.5) & (xy[:, 0] < width - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] < height - 0.5)
+        rows = np.flatnonzero(visible)[inside]
+        moved[rows, :2] = xy[inside]
+        moved[rows, 2] = 1.0
+        mirrors = sum(name in MIRRORS for name, _ in out["applied_transforms"])
+        return moved[self.mirror] if mirrors % 2 else moved
+
+
+def _refuse_unknown_mirrors(compose: A.BaseCompose) -> None:
+    for transform in compose.transforms:
+        if isinstance(transform, A.BaseCompose):
+            _refuse_unknown_mirrors(transform)
+        elif type(transform).__name__ in UNSUPPORTED:
+            raise ValueError(f"{type(transform).__name__} cannot be used with part keypoints: whether it mirrors "
+                             "the image (swapping left and right parts) is not reported; use explicit flips")
