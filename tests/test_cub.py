@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgvc.data import DATASETS, build_dataset
+from fgvc.config import DataConfig, SynthBirdsConfig
+from fgvc.data import DATA_ROOT_ENV, DATASETS, build_dataset
 from fgvc.data.annotations import AnnotationError
 from fgvc.data.cub import CUBAnnotations, CUBDataset, ImageReadError
 
@@ -63,10 +64,27 @@ def test_root_may_be_the_parent_and_attributes_txt_may_sit_beside(birds_copy: Pa
 
 
 def test_registry_builds_the_loader(small_birds: Path) -> None:
-    assert "cub200" in DATASETS.list()
-    assert len(build_dataset("cub200", root=small_birds, split="test")) == len(CUBDataset(small_birds, "test"))
+    assert {"cub200", "synthbirds"} <= set(DATASETS.list())
+    cfg = DataConfig(dataset="cub200", root=str(small_birds))
+    assert len(build_dataset(cfg, "test")) == len(CUBDataset(small_birds, "test"))
     with pytest.raises(KeyError, match="did you mean 'cub200'"):
-        build_dataset("cub20", root=small_birds)
+        build_dataset(DataConfig(dataset="cub20", root=str(small_birds)), "test")
+    with pytest.raises(ValueError, match="data.root"):
+        build_dataset(DataConfig(dataset="cub200"), "test")
+
+
+def test_synthbirds_is_generated_once_into_the_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
+    cfg = DataConfig(synthbirds=SynthBirdsConfig(num_classes=2, images_per_class=4, image_size=32))
+    first = build_dataset(cfg, "test")
+    root = first.annotations.root
+    assert root.parent == tmp_path and root.name.startswith("synthbirds-")
+    stamp = (root / "images.txt").stat().st_mtime_ns
+    assert len(build_dataset(cfg, "trainval")) + len(first) == 8
+    assert (root / "images.txt").stat().st_mtime_ns == stamp  # reused, not regenerated
+    other = build_dataset(DataConfig(synthbirds=SynthBirdsConfig(num_classes=2, images_per_class=4, image_size=32,
+                                                                 seed=5)), "test")
+    assert other.annotations.root != root  # another spec, another folder
 
 
 def test_not_visible_attributes_are_unknown_and_extra_fields_are_read(birds_copy: Path) -> None:

@@ -1,12 +1,72 @@
-"""Datasets, part-aware transforms and deterministic loaders."""
+"""Datasets, part-aware transforms and deterministic loaders.
 
-from fgvc.data.cub import CUBDataset
+Datasets are registered by name; each builder takes the data config and a split name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from fgvc.config import DataConfig
+from fgvc.data import synthbirds
+from fgvc.data.cub import CUBAnnotations, CUBDataset
 from fgvc.registry import Registry
 
 DATASETS = Registry("dataset")
-DATASETS.register("cub200")(CUBDataset)
+DATA_ROOT_ENV = "FGVC_DATA_ROOT"
 
 
-def build_dataset(name: str, **kwargs):
-    """Build a dataset by its registered name, e.g. build_dataset("cub200", root=..., split="train")."""
-    return DATASETS.build(name, **kwargs)
+@DATASETS.register("cub200")
+def cub200(cfg: DataConfig, split: str) -> CUBDataset:
+    if cfg.root is None:
+        raise ValueError("data.root (--data-dir) must point at CUB_200_2011 (or the folder that contains it)")
+    return CUBDataset(cfg.root, split, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                      annotations=_cached_annotations(cfg.root))
+
+
+@DATASETS.register("synthbirds")
+def synthbirds_dataset(cfg: DataConfig, split: str) -> CUBDataset:
+    """synthbirds from data.root, or generated once into the cache folder named by its spec."""
+    root = Path(cfg.root) if cfg.root is not None else ensure_synthbirds(synthbirds.SynthBirdsSpec(**asdict(cfg.synthbirds)))
+    return CUBDataset(root, split, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                      annotations=_cached_annotations(root))
+
+
+def build_dataset(cfg: DataConfig, split: str) -> CUBDataset:
+    return DATASETS.get(cfg.dataset)(cfg, split)
+
+
+def data_root() -> Path:
+    """Where generated data is cached: $FGVC_DATA_ROOT, else ~/.cache/fgvc."""
+    return Path(os.environ.get(DATA_ROOT_ENV) or Path.home() / ".cache" / "fgvc").expanduser()
+
+
+def ensure_synthbirds(spec: synthbirds.SynthBirdsSpec, echo=print) -> Path:
+    """The cached synthbirds tree for `spec`, generated first if absent. The folder name is a digest of the spec and
+    the generator version, so a changed spec or generator never reuses stale images."""
+    key = json.dumps({"version": synthbirds.GENERATOR_VERSION, **asdict(spec)}, sort_keys=True)
+    root = data_root() / f"synthbirds-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if not (root / synthbirds.METADATA_FILE).is_file():
+        echo(f"generating synthbirds into {root} ({spec.num_classes} classes x {spec.images_per_class} images, "
+             f"{spec.image_size} px) ...")
+        report = synthbirds.generate(root, spec, overwrite=root.exists())
+        echo(f"  {report.num_images} images in {report.seconds:.1f} s")
+    return root
+
+
+_ANNOTATIONS: dict[tuple, CUBAnnotations] = {}
+
+
+def _cached_annotations(root: str | os.PathLike) -> CUBAnnotations:
+    """Read a tree's annotation files once per process, not once per split; an edited file is read again."""
+    resolved = Path(root).resolve()
+    files = sorted([*resolved.glob("*.txt"), *resolved.glob("parts/*.txt"), *resolved.glob("attributes/*.txt")])
+    stamps = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    key = (resolved, stamps)
+    if key not in _ANNOTATIONS:
+        _ANNOTATIONS[key] = CUBAnnotations.load(resolved)
+    return _ANNOTATIONS[key]

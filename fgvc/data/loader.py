@@ -27,10 +27,13 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __init__(self, num_samples: int, *, seed: int, shuffle: bool) -> None:
         self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch `epoch` from position `start` of its order (a resumed run skips what it has seen)."""
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start {start} outside 0..{self.num_samples}")
+        self.epoch, self.start = epoch, start
 
     def order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -40,10 +43,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        return ((epoch, index) for index in self.order(epoch))
+        return ((epoch, index) for index in self.order(epoch)[self.start :])
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self.start
 
 
 class AugmentedDataset(Dataset):
@@ -65,7 +68,8 @@ def build_loader(dataset, transform: PartAwareTransform, *, batch_size: int, see
     """A DataLoader over `dataset` with position-derived order and augmentation.
 
     train=True shuffles and drops the last incomplete batch (stable batch statistics); evaluation keeps every
-    sample in order. Call `loader.sampler.set_epoch(epoch)` before each epoch.
+    sample in order. Call `loader.sampler.set_epoch(epoch)` before each epoch. len(loader) follows the sampler's
+    start position; a full epoch has len(dataset) // batch_size batches in training.
     """
     sampler = EpochSampler(len(dataset), seed=seed, shuffle=train)
     return DataLoader(
@@ -76,4 +80,7 @@ def build_loader(dataset, transform: PartAwareTransform, *, batch_size: int, see
         drop_last=train,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
+        # The loader draws its workers' base seed from this generator instead of the global RNG, whose stream
+        # must stay exactly as in an uninterrupted run when a run is resumed mid-epoch.
+        generator=torch.Generator().manual_seed(seed),
     )

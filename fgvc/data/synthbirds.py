@@ -124,25 +124,26 @@ def _polygon_area(points: np.ndarray) -> float:
 
 
 HEAD_CENTER, HEAD_RADIUS = (0.36, -0.17), 0.135
-EYE_CENTER = (0.40, -0.16)
+EYE_CENTER = (0.41, -0.14)
 BODY = _ellipse(0.0, 0.0, 0.36, 0.21)
 BELLY = _ellipse(0.04, 0.09, 0.27, 0.11)
 HEAD = _ellipse(*HEAD_CENTER, HEAD_RADIUS, HEAD_RADIUS)
 CROWN = _disc_cap(*HEAD_CENTER, HEAD_RADIUS, HEAD_CENTER[1] - 0.045)
 WING = _ellipse(-0.06, -0.04, 0.25, 0.10, angle_deg=-6.0)
-PUPIL = _ellipse(*EYE_CENTER, 0.030, 0.030, n=16)
-EYE_RING = _ellipse(*EYE_CENTER, 0.056, 0.056, n=20)
+PUPIL = _ellipse(*EYE_CENTER, 0.032, 0.032, n=16)
+EYE_RING = _ellipse(*EYE_CENTER, 0.075, 0.075, n=24)
 LEGS = (  # (near leg, far leg): shank and foot
     (_bar((0.04, 0.15), (0.06, 0.37), 0.032), _bar((0.00, 0.37), (0.13, 0.37), 0.026)),
     (_bar((-0.04, 0.15), (-0.02, 0.37), 0.032), _bar((-0.08, 0.37), (0.05, 0.37), 0.026)),
 )
 PERCH = _bar((-0.9, 0.40), (0.9, 0.40), 0.05)
 BILLS = {
-    "cone": np.array([(0.47, -0.205), (0.61, -0.16), (0.47, -0.115)]),
-    "dagger": np.array([(0.47, -0.185), (0.71, -0.16), (0.47, -0.135)]),
-    "hooked": np.array([(0.47, -0.205), (0.57, -0.195), (0.63, -0.15), (0.61, -0.115), (0.58, -0.14), (0.47, -0.125)]),
+    "cone": np.array([(0.47, -0.21), (0.60, -0.15), (0.47, -0.09)]),
+    "dagger": np.array([(0.47, -0.175), (0.78, -0.15), (0.47, -0.125)]),
+    "hooked": np.array([(0.47, -0.20), (0.58, -0.195), (0.65, -0.14), (0.64, -0.05), (0.60, -0.10), (0.55, -0.12),
+                        (0.47, -0.11)]),
 }
-BILL_KEYPOINT = {"cone": (0.52, -0.16), "dagger": (0.54, -0.16), "hooked": (0.53, -0.165)}
+BILL_KEYPOINT = {"cone": (0.52, -0.15), "dagger": (0.55, -0.15), "hooked": (0.54, -0.15)}
 WING_BARS = {
     "plain": (),
     "single_bar": (_ellipse(0.03, -0.045, 0.024, 0.088, angle_deg=-6.0, n=16),),
@@ -151,12 +152,12 @@ WING_BARS = {
         _ellipse(0.08, -0.05, 0.022, 0.075, angle_deg=-6.0, n=16),
     ),
 }
-_fan = np.linspace(math.radians(150), math.radians(210), 9)
-TAILS = {
-    "forked": np.array([(-0.30, -0.06), (-0.63, -0.14), (-0.52, -0.02), (-0.63, 0.08), (-0.30, 0.04)]),
-    "rounded": np.concatenate([[(-0.28, -0.05)], np.stack([-0.28 + 0.30 * np.cos(_fan), 0.30 * np.sin(_fan)], 1),
+_fan = np.linspace(math.radians(130), math.radians(230), 11)
+TAILS = {  # three silhouettes that differ in length as well as outline
+    "forked": np.array([(-0.30, -0.06), (-0.74, -0.16), (-0.50, -0.01), (-0.74, 0.11), (-0.30, 0.04)]),
+    "rounded": np.concatenate([[(-0.28, -0.05)], np.stack([-0.28 + 0.22 * np.cos(_fan), 0.22 * np.sin(_fan)], 1),
                                [(-0.28, 0.05)]]),
-    "pointed": np.array([(-0.30, -0.06), (-0.68, -0.01), (-0.30, 0.04)]),
+    "pointed": np.array([(-0.30, -0.06), (-0.80, -0.01), (-0.30, 0.04)]),
 }
 # Where each CUB part is annotated. Sided parts sit on the near side; the far eye and far wing are hidden.
 KEYPOINTS = {
@@ -170,7 +171,7 @@ KEYPOINTS = {
     "wing": (-0.14, -0.04),
     "nape": (0.26, -0.17),
     "tail": (-0.42, -0.01),
-    "throat": (0.40, -0.06),
+    "throat": (0.38, -0.05),
 }
 # The drawn region that holds each class factor (for the "discriminative part is small" measurement). For a factor
 # the region of the variant with the largest area is used, so the figure is an upper bound.
@@ -182,7 +183,7 @@ FACTOR_REGION_AREA = {
     "has_tail_shape": max(_polygon_area(p) for p in TAILS.values()),
 }
 # Extent used to keep the bird in frame: beak tip to tail tip, crown to perch.
-BIRD_EXTENT = np.array([(-0.68, -0.31), (0.71, -0.31), (0.71, 0.42), (-0.68, 0.42)])
+BIRD_EXTENT = np.array([(-0.81, -0.31), (0.79, -0.31), (0.79, 0.42), (-0.81, 0.42)])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -288,9 +289,10 @@ class _Canvas:
         self.image = self.image.resize((self.image.width * self.scale,) * 2, Image.NEAREST)
         self.draw = ImageDraw.Draw(self.image)
 
-    def polygon(self, points: np.ndarray, color: tuple[int, int, int]) -> None:
+    def polygon(self, points: np.ndarray, color: tuple[int, int, int],
+                outline: tuple[int, int, int] | None = None) -> None:
         scaled = (points + 0.5) * self.scale - 0.5  # pixel centres stay pixel centres after the box downsample
-        self.draw.polygon(scaled.ravel().tolist(), fill=color)
+        self.draw.polygon(scaled.ravel().tolist(), fill=color, outline=outline, width=self.scale)
 
     def result(self) -> np.ndarray:
         return np.asarray(self.image.reduce(self.scale), dtype=np.uint8)
@@ -364,14 +366,17 @@ def render_bird(
     bill_shape, tail_shape = attributes["has_bill_shape"], attributes["has_tail_shape"]
     drawn: list[np.ndarray] = []  # every bird polygon, for the bounding box
 
-    def paint(points: np.ndarray, color: tuple[int, int, int]) -> None:
+    def paint(points: np.ndarray, color: tuple[int, int, int], rim: bool = True) -> None:
         placed = place(points)
         drawn.append(placed)
-        canvas.polygon(placed, color)
+        # A darker rim, as light falls off at a curved edge: it keeps each part's outline (the bill and tail
+        # shapes are class attributes) visible against backgrounds of the same colour. Legs and eyes are too thin
+        # for one.
+        canvas.polygon(placed, color, outline=tuple(c * 2 // 5 for c in color) if rim else None)
 
     for shank, foot in LEGS[::-1]:  # far leg first, so the near leg is on top
-        paint(shank, leg)
-        paint(foot, leg)
+        paint(shank, leg, rim=False)
+        paint(foot, leg, rim=False)
     paint(TAILS[tail_shape], wing)
     paint(BODY, body)
     paint(BELLY, belly)
@@ -381,8 +386,8 @@ def render_bird(
     paint(HEAD, body)
     paint(CROWN, crown)
     if attributes["has_eye_ring"] == "present":
-        paint(EYE_RING, EYE_RING_RGB)
-    paint(PUPIL, PUPIL_RGB)
+        paint(EYE_RING, EYE_RING_RGB, rim=False)
+    paint(PUPIL, PUPIL_RGB, rim=False)
     paint(BILLS[bill_shape], bill)
 
     occluder = None

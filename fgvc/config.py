@@ -1,0 +1,193 @@
+"""The run configuration: nested dataclasses are the schema; YAML files and `key=value` overrides merge onto it.
+
+    cfg = load_config("configs/synthbirds/linear_resnet10t.yaml", ["optim.lr=0.01", "schedule.epochs=20"])
+
+Unknown keys fail with the nearest valid name, wrong types fail naming the key, and the resolved config is what a
+run saves beside its checkpoints (DINOv2's "defaults + overrides, save the resolved config").
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+# OmegaConf reads the annotations at run time, so they use typing.Optional rather than `X | None`.
+
+
+@dataclass
+class SynthBirdsConfig:
+    """How the synthbirds dataset is generated when data.dataset is "synthbirds" (see fgvc.data.synthbirds)."""
+
+    num_classes: int = 10
+    images_per_class: int = 300
+    train_fraction: float = 0.8
+    image_size: int = 112
+    difficulty: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthbirds"
+    root: Optional[str] = None  # synthbirds: generated into a cache folder when not given ($FGVC_DATA_ROOT)
+    image_size: int = 96
+    resize_size: Optional[int] = None  # default: image_size / 0.875
+    crop: str = "resize_crop"  # resize, then random crop (the FGVC recipe); or "random_resized"
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
+    hflip: float = 0.5
+    color_jitter: float = 0.2
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None  # default: 2 x batch_size
+    workers: int = 2
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    synthbirds: SynthBirdsConfig = field(default_factory=SynthBirdsConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "test_resnet"  # any timm model name; the default is timm's smallest ResNet, for the CPU
+    pretrained: bool = False  # timm/Hugging Face hub weights (needs the network)
+    pretrained_file: Optional[str] = None  # local weights (safetensors or a state dict), works offline
+    head: str = "linear"
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth, where the timm backbone supports it
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # "sgd" (momentum, nesterov off) or "adamw"
+    lr: float = 0.008
+    weight_decay: float = 0.05  # never applied to norms and biases
+    momentum: float = 0.9
+    head_lr_mult: float = 1.0  # new layers at this multiple of the backbone's lr (10 with pretrained backbones)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 8
+    warmup_epochs: float = 1.0  # linear warmup, then cosine to min_lr; stepped every iteration
+    min_lr: float = 0.0
+
+
+@dataclass
+class RegularizationConfig:
+    label_smoothing: float = 0.1  # 1 - eps on the true class, eps / (K - 1) on each other class
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    amp: str = "none"  # "none", "bf16" (CPU or CUDA), "fp16" (CUDA, with a gradient scaler)
+    channels_last: bool = True  # faster for CNNs on CPUs and GPUs alike
+    compile: bool = False  # torch.compile the model
+    grad_accum: int = 1  # optimizer step every grad_accum batches
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    checkpoint_every: int = 0  # also write `last` every N optimizer steps (0: at epoch ends only)
+    log_every: int = 20  # progress line every N optimizer steps
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs"
+    run_name: Optional[str] = None  # default: <dataset>-<backbone>-<head>-<time>
+
+
+# The flags users expect, as shorthands for keys.
+FLAG_KEYS = {
+    "dataset": "data.dataset",
+    "data_dir": "data.root",
+    "model": "model.backbone",
+    "output_dir": "output_dir",
+    "device": "train.device",
+    "epochs": "schedule.epochs",
+    "seed": "train.seed",
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key (and the file)."""
+
+
+def valid_keys(schema: type = Config, prefix: str = "") -> list[str]:
+    """Every leaf key of the schema, dotted: data.batch_size, model.backbone, ..."""
+    keys = []
+    for f in fields(schema):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            keys.extend(valid_keys(type(default), f"{prefix}{f.name}."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def load_config(config_file: str | Path | None = None, overrides: Sequence[str] = (),
+                flags: dict[str, Any] | None = None) -> Config:
+    """Schema defaults, then the YAML file, then flags, then `key=value` overrides (the last word wins)."""
+    merged = OmegaConf.structured(Config)
+    if config_file is not None:
+        merged = _merge(merged, _read_yaml(Path(config_file)), f"config file {config_file}")
+    for name, value in (flags or {}).items():
+        if value is not None:
+            merged = _merge(merged, OmegaConf.from_dotlist([f"{FLAG_KEYS[name]}={value}"]), f"flag --{name}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    return OmegaConf.to_object(merged)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if content is None:
+        return OmegaConf.create({})
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not a {type(content).__name__}")
+    return OmegaConf.create(content)
+
+
+def _merge(base: Any, update: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as error:
+        key = error.full_key
+        close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{source}: unknown key {key!r}{hint}") from None
+    except OmegaConfBaseException as error:
+        message = str(error).splitlines()[0]
+        raise ConfigError(f"{source}: bad value for {error.full_key!r}: {message}") from None
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what a run saves; load_config reads it back unchanged)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """A Config from a plain dict, such as the one stored in a checkpoint; validated against the schema."""
+    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(values), "stored config"))

@@ -1,0 +1,69 @@
+"""Checkpoints that are written atomically, verified on load, and never execute code when read.
+
+A checkpoint file holds the serialized state together with its SHA-256: {"format", "sha256", "payload"}, so a
+flipped bit is caught on load instead of loading silently. Writing goes to a temporary file in the same folder
+(a rename across filesystems would be a copy), which is fsynced and renamed over the target, and the folder is
+fsynced too; the previous checkpoint stays in place until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "fgvc-checkpoint-1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()  # a view, not a copy: checkpoints of large models are hundreds of MB
+    wrapped = io.BytesIO()
+    torch.save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+                "payload": torch.frombuffer(payload, dtype=torch.uint8)}, wrapped)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(wrapped.getbuffer())
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        if error.errno == errno.ENOSPC:
+            raise CheckpointError(f"disk full while writing {path}") from error
+        raise CheckpointError(f"could not write {path}: {error}") from error
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and verify a checkpoint (weights_only: loading can never run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        wrapped = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged zip or pickle
+        raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint: {error}") from error
+    if not isinstance(wrapped, dict) or wrapped.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an fgvc checkpoint (format {FORMAT})")
+    payload = wrapped["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != wrapped["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 does not match the stored one")
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)

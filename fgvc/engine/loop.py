@@ -1,0 +1,136 @@
+"""train_one_epoch and evaluate, in the style of the torchvision reference scripts."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fgvc.engine.metrics import ClassificationMeter
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint so a resumed run continues at the same batch."""
+
+    epoch: int = 0  # the epoch in progress (or the next one, at an epoch boundary)
+    batch: int = 0  # batches of `epoch` already trained
+    step: int = 0  # optimizer steps so far
+    best_top1: float = -math.inf  # best validation top-1 so far
+    best_epoch: int = -1
+
+
+@dataclass
+class Precision:
+    """Mixed precision: autocast dtype (None: fp32) and, for fp16, a gradient scaler."""
+
+    device_type: str
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def from_name(cls, name: str, device: torch.device) -> Precision:
+        if name == "none":
+            return cls(device.type)
+        if name == "bf16":
+            return cls(device.type, torch.bfloat16)
+        if name == "fp16":
+            if device.type != "cuda":
+                raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 on the CPU")
+            return cls(device.type, torch.float16, torch.amp.GradScaler("cuda"))
+        raise ValueError(f"train.amp must be none, bf16 or fp16, got {name!r}")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if channels_last:
+        moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
+    return moved
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: Iterable[dict],
+    state: TrainState,
+    *,
+    batches_in_epoch: int,
+    device: torch.device,
+    precision: Precision,
+    grad_accum: int = 1,
+    channels_last: bool = False,
+    after_step: Callable[[TrainState, Callable[[], dict[str, float]]], bool] = lambda state, stats: False,
+) -> dict[str, float] | None:
+    """Train from batch `state.batch` of `state.epoch` to the end of the epoch.
+
+    `after_step(state, stats)` runs after every optimizer step; `stats()` gives the running loss, accuracy,
+    images/s and lr (it synchronizes with the device, so call it only when logging). `after_step` returns True to
+    stop early (the caller checkpoints). Returns the epoch's statistics, or None if stopped.
+    Gradients of `grad_accum` batches are summed per step; the epoch's last step averages over the batches left.
+    """
+    model.train()
+    totals = torch.zeros(3, device=device)  # loss x images, correct, images -- summed on device, read rarely
+    start = time.perf_counter()
+    for batch in loader:
+        batch = to_device(batch, device, channels_last)
+        group_start = state.batch - state.batch % grad_accum
+        group_size = min(grad_accum, batches_in_epoch - group_start)
+        with precision.autocast():
+            outputs = model(batch["image"])
+            losses = criterion(outputs, batch)
+        loss = losses["loss"] / group_size
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        with torch.no_grad():
+            n = batch["label"].shape[0]
+            correct = (outputs["logits"].argmax(dim=1) == batch["label"]).sum()
+            totals += torch.stack([losses["loss"].detach().float() * n, correct.float(), totals.new_tensor(n)])
+        state.batch += 1
+        if state.batch - group_start < group_size:
+            continue
+        if precision.scaler is not None:
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.step += 1
+        if after_step(state, lambda: _stats(totals, start, optimizer)):
+            return None
+    return _stats(totals, start, optimizer)
+
+
+def _stats(totals: torch.Tensor, start: float, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    loss_sum, correct, images = totals.tolist()
+    images = max(images, 1.0)
+    return {"loss": loss_sum / images, "top1": 100.0 * correct / images,
+            "images_per_s": images / (time.perf_counter() - start), "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[dict], *, num_classes: int, device: torch.device,
+             precision: Precision, channels_last: bool = False) -> dict[str, float]:
+    """Single-crop top-1, top-5 and per-class accuracy over the whole loader."""
+    model.eval()
+    meter = ClassificationMeter(num_classes)
+    for batch in loader:
+        batch = to_device(batch, device, channels_last)
+        with precision.autocast():
+            logits = model(batch["image"])["logits"]
+        meter.update(logits, batch["label"])
+    return meter.compute()

@@ -1,0 +1,40 @@
+"""Evaluate a checkpoint: single-crop top-1, top-5 and per-class accuracy, printed and written as JSON.
+
+    python -m fgvc.evaluate --checkpoint runs/<run>/best.pt [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fgvc.data.cub import SPLITS
+from fgvc.engine.trainer import evaluate_checkpoint
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fgvc.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a run")
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--data-dir", help="read the data from here instead of the run's data.root")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--output", help="JSON file to write (default: <checkpoint>-<split>.json beside it)")
+    args = parser.parse_args(argv)
+    metrics = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_dir, device=args.device,
+                                  batch_size=args.batch_size)
+    checkpoint = Path(args.checkpoint)
+    output = Path(args.output) if args.output else checkpoint.with_name(f"{checkpoint.stem}-{args.split}.json")
+    output.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"{args.split} ({metrics['images']} images): top-1 {metrics['top1']:.2f}%  top-5 "
+          f"{metrics.get('top5', float('nan')):.2f}%  per-class {metrics['per_class_accuracy']:.2f}%")
+    print(f"written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Losses. Each takes (outputs, batch) and returns a dict with "loss" and its named terms."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def smoothed_targets(labels: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
+    """Target distributions: 1 - eps on the true class and eps / (K - 1) on each other class.
+
+    (PyTorch's and timm's label_smoothing=eps put eps / K on every class instead, so 1 - eps + eps / K on the true
+    one; the two agree when PyTorch is given eps * K / (K - 1).)
+    """
+    if num_classes < 2:
+        raise ValueError("label smoothing needs at least 2 classes")
+    targets = torch.full((labels.shape[0], num_classes), eps / (num_classes - 1), device=labels.device)
+    return targets.scatter_(1, labels[:, None], 1.0 - eps)
+
+
+class LabelSmoothingCrossEntropy(nn.Module):
+    """Cross-entropy against smoothed_targets, computed without materializing them."""
+
+    def __init__(self, eps: float = 0.0) -> None:
+        super().__init__()
+        if not 0 <= eps < 1:
+            raise ValueError(f"label smoothing must be in [0, 1), got {eps}")
+        self.eps = eps
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        log_probs = F.log_softmax(outputs["logits"].float(), dim=-1)
+        num_classes = log_probs.shape[-1]
+        true_class = log_probs.gather(1, batch["label"][:, None]).squeeze(1)
+        if self.eps == 0:
+            loss = -true_class.mean()
+        else:
+            others = log_probs.sum(dim=-1) - true_class
+            loss = -((1 - self.eps) * true_class + self.eps / (num_classes - 1) * others).mean()
+        return {"loss": loss}

@@ -1,0 +1,61 @@
+"""Backbones: any timm model, returning a B x C x H x W feature map whatever the architecture's own layout."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from fgvc.config import ModelConfig
+
+
+class Backbone(nn.Module):
+    """A timm model without its classifier. forward() gives B x C x H x W features: CNNs as they are, NHWC models
+    (Swin) permuted, and ViT-style token sequences with the class/register tokens dropped and the patch tokens laid
+    back on their grid, so every head sees positions the same way."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.num_features = model.num_features
+        self.channels_last_output = getattr(model, "output_fmt", "NCHW") == "NHWC"
+        self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(images)
+        if features.ndim == 3:
+            tokens = features[:, self.num_prefix_tokens :]
+            side = math.isqrt(tokens.shape[1])
+            if side * side != tokens.shape[1]:
+                raise ValueError(f"cannot lay {tokens.shape[1]} patch tokens on a square grid; use a square input")
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+        if self.channels_last_output:
+            return features.permute(0, 3, 1, 2)
+        return features
+
+
+def create_backbone(cfg: ModelConfig) -> Backbone:
+    """timm.create_model without a classifier; weights from the hub (`pretrained`) or a local file, offline."""
+    kwargs: dict = {"num_classes": 0}
+    if cfg.drop_path_rate > 0:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.pretrained_file is not None:
+        path = Path(cfg.pretrained_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained_file: {path} does not exist")
+        # timm's own pretrained loader reads the file (safetensors or a torch state dict, weights only) and drops the
+        # classifier weights that do not fit num_classes=0.
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    elif cfg.pretrained:
+        kwargs["pretrained"] = True
+    try:
+        model = timm.create_model(cfg.backbone, **kwargs)
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            close = timm.list_models(f"*{cfg.backbone.split('_')[0]}*")[:8]
+            raise ValueError(f"model.backbone: {error}; similar timm names: {', '.join(close)}") from None
+        raise
+    return Backbone(model)

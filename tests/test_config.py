@@ -1,0 +1,73 @@
+"""Config: schema defaults, YAML and key=value overrides, errors that name the key, round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fgvc.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml, valid_keys
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+
+
+def test_defaults_flags_file_and_overrides_merge_in_order(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optim:\n  lr: 0.1\n  name: sgd\nschedule:\n  epochs: 30\n")
+    cfg = load_config(recipe, ["optim.lr=0.05", "data.crop_scale=[0.5,1.0]"], {"epochs": 7, "data_dir": "/data/cub"})
+    assert cfg.optim.lr == 0.05 and cfg.optim.name == "sgd"  # override beats file
+    assert cfg.schedule.epochs == 7 and cfg.data.root == "/data/cub"  # flags beat file
+    assert cfg.data.crop_scale == [0.5, 1.0] and cfg.model.backbone == Config().model.backbone
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.lrr=0.1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("data.batchsize=8", "did you mean 'data.batch_size'?"),
+    ("optim.lr=fast", "bad value for 'optim.lr'"),
+    ("data.batch_size=3.5", "bad value for 'data.batch_size'"),
+    ("train.channels_last=maybe", "bad value for 'train.channels_last'"),
+    ("no_equals_sign", "not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_bad_file_is_named(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model:\n  backbon: resnet50\n")
+    with pytest.raises(ConfigError, match=rf"{recipe}.*unknown key 'model.backbon'; did you mean 'model.backbone'"):
+        load_config(recipe)
+    recipe.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_and_dict_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(None, ["optim.lr=0.02", "model.pretrained_file=/w/r.safetensors", "data.synthbirds.seed=4"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert load_config(saved) == cfg
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_design_key_names_exist() -> None:
+    keys = set(valid_keys())
+    for key in ("data.dataset", "data.root", "data.image_size", "data.resize_size", "data.batch_size", "data.workers",
+                "data.val_fraction", "model.backbone", "model.pretrained", "model.pretrained_file", "model.head",
+                "model.drop_rate", "model.drop_path_rate", "optim.name", "optim.lr", "optim.weight_decay",
+                "optim.momentum", "optim.head_lr_mult", "schedule.epochs", "schedule.warmup_epochs",
+                "regularization.label_smoothing", "train.seed", "train.amp", "train.channels_last", "train.compile",
+                "train.grad_accum", "train.deterministic", "output_dir"):
+        assert key in keys
+
+
+@pytest.mark.parametrize("recipe", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_recipe_loads(recipe: Path) -> None:
+    assert isinstance(load_config(recipe), Config)
+
+
+def test_there_are_recipes() -> None:
+    assert CONFIGS
