@@ -22,7 +22,8 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     state = sample_state()
     save_checkpoint(tmp_path / "last.pt", state)
     loaded = load_checkpoint(tmp_path / "last.pt")
-    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["step"] == 7 and loaded["lrs"] == [0.1, 0.2]
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["step"] == 7 and loaded["lrs"] == [0.1, 0.2]
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fgvc.config import DataConfig
-from fgvc.data import synthbirds
 from fgvc.data.cub import CUBAnnotations, CUBDataset
 from fgvc.registry import Registry
+
+if TYPE_CHECKING:
+    from fgvc.data.synthbirds import SynthBirdsSpec
 
 DATASETS = Registry("dataset")
 DATA_ROOT_ENV = "FGVC_DATA_ROOT"
@@ -31,7 +35,12 @@ def cub200(cfg: DataConfig, split: str) -> CUBDataset:
 @DATASETS.register("synthbirds")
 def synthbirds_dataset(cfg: DataConfig, split: str) -> CUBDataset:
     """synthbirds from data.root, or generated once into the cache folder named by its spec."""
-    root = Path(cfg.root) if cfg.root is not None else ensure_synthbirds(synthbirds.SynthBirdsSpec(**asdict(cfg.synthbirds)))
+    if cfg.root is not None:
+        root = Path(cfg.root)
+    else:
+        from fgvc.data.synthbirds import SynthBirdsSpec
+
+        root = ensure_synthbirds(SynthBirdsSpec(**asdict(cfg.synthbirds)))
     return CUBDataset(root, split, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
                       annotations=_cached_annotations(root))
 
@@ -45,9 +54,12 @@ def data_root() -> Path:
     return Path(os.environ.get(DATA_ROOT_ENV) or Path.home() / ".cache" / "fgvc").expanduser()
 
 
-def ensure_synthbirds(spec: synthbirds.SynthBirdsSpec, echo=print) -> Path:
+def ensure_synthbirds(spec: SynthBirdsSpec, echo: Callable[[str], None] = print) -> Path:
     """The cached synthbirds tree for `spec`, generated first if absent. The folder name is a digest of the spec and
     the generator version, so a changed spec or generator never reuses stale images."""
+    # Imported here, not at the top: `python -m fgvc.data.synthbirds` must not find itself already imported.
+    from fgvc.data import synthbirds
+
     key = json.dumps({"version": synthbirds.GENERATOR_VERSION, **asdict(spec)}, sort_keys=True)
     root = data_root() / f"synthbirds-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if not (root / synthbirds.METADATA_FILE).is_file():

@@ -234,7 +234,8 @@ def _read_boxes(path: Path, row: dict[int, int]) -> np.ndarray:
         i = _row_of(path, n, line, fields[0], row)
         if filled[i]:
             raise annotation_error(path, n, line, f"image id {fields[0]} already has a box on line {filled[i]}")
-        box = [parse_float(path, n, line, v, name) for v, name in zip(fields[1:], ("x", "y", "width", "height"))]
+        box = [parse_float(path, n, line, value, name)
+               for value, name in zip(fields[1:], ("x", "y", "width", "height"), strict=True)]
         if box[2] <= 0 or box[3] <= 0:
             raise annotation_error(path, n, line, "bounding box width and height must be positive")
         boxes[i], filled[i] = box, n
@@ -253,7 +254,7 @@ def _read_part_locs(path: Path, row: dict[int, int], num_parts: int) -> np.ndarr
         if filled[i, part - 1]:
             raise annotation_error(path, n, line, f"image id {fields[0]} already has part {part} on line "
                                                   f"{filled[i, part - 1]}")
-        x, y = (parse_float(path, n, line, v, name) for v, name in zip(fields[2:4], ("x", "y")))
+        x, y = (parse_float(path, n, line, v, name) for v, name in zip(fields[2:4], ("x", "y"), strict=True))
         visible = parse_int(path, n, line, fields[4], "visible")
         if visible not in (0, 1):
             raise annotation_error(path, n, line, f"visible must be 0 or 1, got {visible}")

@@ -24,10 +24,10 @@ import shutil
 import sys
 import tempfile
 import time
-from statistics import NormalDist
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -289,10 +289,9 @@ class _Canvas:
         self.image = self.image.resize((self.image.width * self.scale,) * 2, Image.NEAREST)
         self.draw = ImageDraw.Draw(self.image)
 
-    def polygon(self, points: np.ndarray, color: tuple[int, int, int],
-                outline: tuple[int, int, int] | None = None) -> None:
+    def polygon(self, points: np.ndarray, color: tuple[int, int, int]) -> None:
         scaled = (points + 0.5) * self.scale - 0.5  # pixel centres stay pixel centres after the box downsample
-        self.draw.polygon(scaled.ravel().tolist(), fill=color, outline=outline, width=self.scale)
+        self.draw.polygon(scaled.ravel().tolist(), fill=color)
 
     def result(self) -> np.ndarray:
         return np.asarray(self.image.reduce(self.scale), dtype=np.uint8)
@@ -366,17 +365,14 @@ def render_bird(
     bill_shape, tail_shape = attributes["has_bill_shape"], attributes["has_tail_shape"]
     drawn: list[np.ndarray] = []  # every bird polygon, for the bounding box
 
-    def paint(points: np.ndarray, color: tuple[int, int, int], rim: bool = True) -> None:
+    def paint(points: np.ndarray, color: tuple[int, int, int]) -> None:
         placed = place(points)
         drawn.append(placed)
-        # A darker rim, as light falls off at a curved edge: it keeps each part's outline (the bill and tail
-        # shapes are class attributes) visible against backgrounds of the same colour. Legs and eyes are too thin
-        # for one.
-        canvas.polygon(placed, color, outline=tuple(c * 2 // 5 for c in color) if rim else None)
+        canvas.polygon(placed, color)
 
     for shank, foot in LEGS[::-1]:  # far leg first, so the near leg is on top
-        paint(shank, leg, rim=False)
-        paint(foot, leg, rim=False)
+        paint(shank, leg)
+        paint(foot, leg)
     paint(TAILS[tail_shape], wing)
     paint(BODY, body)
     paint(BELLY, belly)
@@ -386,8 +382,8 @@ def render_bird(
     paint(HEAD, body)
     paint(CROWN, crown)
     if attributes["has_eye_ring"] == "present":
-        paint(EYE_RING, EYE_RING_RGB, rim=False)
-    paint(PUPIL, PUPIL_RGB, rim=False)
+        paint(EYE_RING, EYE_RING_RGB)
+    paint(PUPIL, PUPIL_RGB)
     paint(BILLS[bill_shape], bill)
 
     occluder = None
@@ -607,8 +603,9 @@ def _write_dataset(root: Path, spec: SynthBirdsSpec, workers: int) -> Generation
 
     _write_lines(root / "classes.txt", (f"{c + 1} {folder}" for c, folder in enumerate(folders)))
     _write_lines(root / "images.txt", (f"{j.image_id} {j.path.relative_to(root / 'images').as_posix()}" for j in jobs))
-    _write_lines(root / "image_class_labels.txt", (f"{j.image_id} {label}" for j, label in zip(jobs, labels)))
-    _write_lines(root / "train_test_split.txt", (f"{j.image_id} {int(t)}" for j, t in zip(jobs, is_train)))
+    _write_lines(root / "image_class_labels.txt",
+                 (f"{j.image_id} {label}" for j, label in zip(jobs, labels, strict=True)))
+    _write_lines(root / "train_test_split.txt", (f"{j.image_id} {int(t)}" for j, t in zip(jobs, is_train, strict=True)))
     _write_lines(root / "bounding_boxes.txt",
                  (f"{d.image_id} " + " ".join(f"{v:.1f}" for v in d.bbox) for d in drawn))
     (root / "parts").mkdir()
@@ -628,7 +625,7 @@ def _write_dataset(root: Path, spec: SynthBirdsSpec, workers: int) -> Generation
         },
     )
     metadata = {"generator": "synthbirds", "version": GENERATOR_VERSION, "spec": asdict(spec),
-                "classes": [{"name": f, **a} for f, a in zip(folders, classes)],
+                "classes": [{"name": f, **a} for f, a in zip(folders, classes, strict=True)],
                 "factor_area_fraction": report.factor_area_fraction}
     (root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return report

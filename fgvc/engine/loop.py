@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -110,7 +111,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1
-        if after_step(state, lambda: _stats(totals, start, optimizer)):
+        if after_step(state, functools.partial(_stats, totals, start, optimizer)):
             return None
     return _stats(totals, start, optimizer)
 

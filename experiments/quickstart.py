@@ -1,0 +1,69 @@
+"""The quick start as a new user runs it: `python -m fgvc.train` with no arguments, from an empty data cache.
+
+    python experiments/quickstart.py --out experiments/results/quickstart.md
+
+Wall time covers everything the command does: start-up, generating synthbirds, training, validation after every
+epoch and the final test evaluation. Targets (issue 3): at most 180 s and at least 80% test top-1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fgvc.config import Config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the markdown table here (also printed)")
+    parser.add_argument("--runs", type=int, default=1, help="repeat with fresh caches (seeds stay the defaults)")
+    args = parser.parse_args()
+
+    rows = []
+    for _ in range(args.runs):
+        with tempfile.TemporaryDirectory(dir=Path.cwd()) as scratch:
+            env = {**os.environ, "FGVC_DATA_ROOT": str(Path(scratch) / "cache")}
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "fgvc.train", "--output-dir", str(Path(scratch) / "runs")],
+                           env=env, check=True)
+            seconds = time.perf_counter() - start
+            results = json.loads(next(Path(scratch, "runs").glob("*/results.json")).read_text())
+            rows.append((seconds, results))
+
+    cfg = Config()
+    lines = [
+        "# Quick start: `python -m fgvc.train`",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`  ",
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}. Preset: synthbirds "
+        f"{cfg.data.synthbirds.num_classes} classes x {cfg.data.synthbirds.images_per_class} images "
+        f"({cfg.data.synthbirds.image_size} px, difficulty {cfg.data.synthbirds.difficulty}), {cfg.model.backbone} "
+        f"+ {cfg.model.head} head at {cfg.data.image_size} px, {cfg.schedule.epochs} epochs, {cfg.optim.name} "
+        f"lr {cfg.optim.lr}.",
+        "",
+        "| run | wall time (s) | val top-1 (selected) | test top-1 | test per-class | selected epoch |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *(f"| {i + 1} | {s:.0f} | {r['val']['top1']:.1f} | {r['test']['top1']:.1f} | "
+          f"{r['test']['per_class_accuracy']:.1f} | {r['best_epoch']} |" for i, (s, r) in enumerate(rows)),
+        "",
+        "Targets: at most 180 s, at least 80% test top-1.",
+        "",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
