@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
+from report import emit, header
 
 from fgvc.data.cub import CUBDataset
 from fgvc.data.loader import build_loader
@@ -92,11 +90,8 @@ def main() -> None:
 
     count = spec.num_classes * spec.images_per_class
     lines = [
-        "# Data throughput",
-        "",
-        f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, Python "
-        f"{platform.python_version()}, torch {torch.__version__}. Median of {args.repeats} runs.",
+        *header("Data throughput"),
+        f"Median of {args.repeats} runs.",
         "",
         f"## synthbirds generation, {args.image_size} px, one process ({count} images, difficulty "
         f"{spec.difficulty}); target 200 images/s",
@@ -113,11 +108,7 @@ def main() -> None:
         *(f"| {workers} | {rate:.0f} |" for workers, rate in loading.items()),
         "",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

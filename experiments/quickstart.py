@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from report import emit, header
 
 from fgvc.config import Config
 
@@ -41,14 +41,11 @@ def main() -> None:
 
     cfg = Config()
     lines = [
-        "# Quick start: `python -m fgvc.train`",
-        "",
-        f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}. Preset: synthbirds "
-        f"{cfg.data.synthbirds.num_classes} classes x {cfg.data.synthbirds.images_per_class} images "
-        f"({cfg.data.synthbirds.image_size} px, difficulty {cfg.data.synthbirds.difficulty}), {cfg.model.backbone} "
-        f"+ {cfg.model.head} head at {cfg.data.image_size} px, {cfg.schedule.epochs} epochs, {cfg.optim.name} "
-        f"lr {cfg.optim.lr}.",
+        *header("Quick start: `python -m fgvc.train`"),
+        f"Preset: synthbirds {cfg.data.synthbirds.num_classes} classes x {cfg.data.synthbirds.images_per_class} "
+        f"images ({cfg.data.synthbirds.image_size} px, difficulty {cfg.data.synthbirds.difficulty}), "
+        f"{cfg.model.backbone} + {cfg.model.head} head at {cfg.data.image_size} px, {cfg.schedule.epochs} epochs, "
+        f"{cfg.optim.name} lr {cfg.optim.lr}.",
         "",
         "| run | wall time (s) | val top-1 (selected) | test top-1 | test per-class | selected epoch |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -58,11 +55,7 @@ def main() -> None:
         "Targets: at most 180 s, at least 80% test top-1.",
         "",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

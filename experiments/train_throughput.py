@@ -11,15 +11,14 @@ A, B, ...) so that the machine's drift hits both; the ratio is the median of the
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
+from report import emit, header
 
 from fgvc.config import ModelConfig, OptimConfig, ScheduleConfig
 from fgvc.engine.loop import Precision, TrainState, train_one_epoch
@@ -91,23 +90,16 @@ def main() -> None:
         rows.append(f"| {backbone} | {statistics.median(bare_rates):.1f} | {statistics.median(fgvc_rates):.1f} | "
                     f"{ratio:.3f} |")
 
-    table = "\n".join([
-        "# Training throughput: fgvc engine vs a bare PyTorch loop",
-        "",
-        f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+    lines = [
+        *header("Training throughput: fgvc engine vs a bare PyTorch loop"),
         f"Batch {args.batch_size}, {args.image_size} px, {args.steps} steps per measurement, median of "
         f"{args.rounds} interleaved rounds, AdamW, channels-last, fp32.",
         "",
         "| backbone | bare loop (img/s) | fgvc train_one_epoch (img/s) | ratio (target >= 0.9) |",
         "|---|---:|---:|---:|",
         *rows,
-        "",
-    ])
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+    ]
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

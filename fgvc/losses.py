@@ -29,7 +29,10 @@ class LabelSmoothingCrossEntropy(nn.Module):
         self.eps = eps
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        log_probs = F.log_softmax(outputs["logits"].float(), dim=-1)
+        logits = outputs["logits"]
+        if logits.dtype in (torch.float16, torch.bfloat16):  # autocast output: take the softmax in fp32
+            logits = logits.float()
+        log_probs = F.log_softmax(logits, dim=-1)
         num_classes = log_probs.shape[-1]
         true_class = log_probs.gather(1, batch["label"][:, None]).squeeze(1)
         if self.eps == 0:

@@ -169,3 +169,35 @@ def test_vit_tokens_become_a_feature_map() -> None:
     backbone = create_backbone(ModelConfig(backbone="test_vit"))
     features = backbone(torch.randn(2, 3, 160, 160))
     assert features.shape[:2] == (2, backbone.num_features) and features.shape[2] == features.shape[3]
+
+
+def test_gradient_accumulation_equals_the_large_batch() -> None:
+    """Two accumulated batches of 4 make the same SGD step as one batch of 8; an epoch's last, partial group is
+    averaged over the batches it has (here 3 batches, accumulation 2: groups of 2 and 1)."""
+    from fgvc.engine.loop import Precision, TrainState, train_one_epoch
+    from fgvc.losses import LabelSmoothingCrossEntropy
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = torch.nn.Linear(6, 3)
+
+        def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.fc(images.flatten(1))}
+
+    generator = torch.Generator().manual_seed(1)
+    batches = [{"image": torch.randn(4, 6, 1, 1, generator=generator, dtype=torch.float64),
+                "label": torch.randint(0, 3, (4,), generator=generator)} for _ in range(3)]
+
+    def run(loader: list[dict], grad_accum: int) -> torch.Tensor:
+        model = Linear().double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        train_one_epoch(model, LabelSmoothingCrossEntropy(0.1), optimizer, scheduler, loader, TrainState(),
+                        batches_in_epoch=len(loader), device=torch.device("cpu"), precision=Precision("cpu"),
+                        grad_accum=grad_accum)
+        return model.fc.weight.detach()
+
+    merged = [{key: torch.cat([batches[0][key], batches[1][key]]) for key in batches[0]}, batches[2]]
+    torch.testing.assert_close(run(batches, grad_accum=2), run(merged, grad_accum=1), rtol=1e-12, atol=1e-12)

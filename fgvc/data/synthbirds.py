@@ -32,6 +32,7 @@ from statistics import NormalDist
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fgvc.data.cub import CUBDataset
 from fgvc.data.parts import CUB_PART_NAMES
 
 GENERATOR_VERSION = 1
@@ -689,9 +690,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def summarize(root: str | os.PathLike, report: GenerationReport) -> str:
-    """A short human-readable account of a generated dataset, read back through the CUB loader."""
-    from fgvc.data.cub import CUBDataset  # the loader proves the files are a valid CUB tree
-
+    """A short human-readable account of a generated dataset, read back through the CUB loader (which proves the
+    files are a valid CUB tree)."""
     splits = {name: CUBDataset(root, split=name) for name in ("train", "val", "test")}
     first = splits["train"]
     areas = ", ".join(f"{k.removeprefix('has_')} {v:.1%}" for k, v in report.factor_area_fraction.items())

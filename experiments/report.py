@@ -1,0 +1,22 @@
+"""What every experiment script ends with: its results table, printed and written with the command that made it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def header(title: str) -> list[str]:
+    return [f"# {title}", "", f"Command: `python {' '.join(sys.argv)}`  ",
+            f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads."]
+
+
+def emit(lines: list[str], out: Path | None) -> None:
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
