@@ -99,21 +99,24 @@ class PartAwareTransform:
         if has_box:
             result["bbox"] = torch.from_numpy(_enclosing_box(moved[len(moved) - 4 :], width, height))
         if has_parts:
-            result["parts"] = torch.from_numpy(self._moved_parts(parts, visible, moved[: int(visible.sum())], out))
+            mirrored = sum(name in MIRRORS for name, _ in out["applied_transforms"]) % 2 == 1
+            moved_parts = _moved_parts(parts, visible, moved[: int(visible.sum())], width, height)
+            result["parts"] = torch.from_numpy(moved_parts[self.mirror] if mirrored else moved_parts)
         if "attributes" in sample:
             result["attributes"] = torch.as_tensor(sample["attributes"], dtype=torch.float32)
         return result
 
-    def _moved_parts(self, parts: np.ndarray, visible: np.ndarray, xy: np.ndarray, out: dict) -> np.ndarray:
-        height, width = out["image"].shape[-2:]
-        moved = np.zeros_like(parts)
-        # Pixel k spans [k - 0.5, k + 0.5): beyond that the point is outside the image, hence not visible.
-        inside = (xy[:, 0] >= -0.5) & (xy[:, 0] < width - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] < height - 0.5)
-        rows = np.flatnonzero(visible)[inside]
-        moved[rows, :2] = xy[inside]
-        moved[rows, 2] = 1.0
-        mirrors = sum(name in MIRRORS for name, _ in out["applied_transforms"])
-        return moved[self.mirror] if mirrors % 2 else moved
+
+
+def _moved_parts(parts: np.ndarray, visible: np.ndarray, xy: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The part table after the transform: moved points of the visible parts, (0, 0, 0) for those now outside."""
+    moved = np.zeros_like(parts)
+    # Pixel k spans [k - 0.5, k + 0.5): beyond that the point is outside the image, hence not visible.
+    inside = (xy[:, 0] >= -0.5) & (xy[:, 0] < width - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] < height - 0.5)
+    rows = np.flatnonzero(visible)[inside]
+    moved[rows, :2] = xy[inside]
+    moved[rows, 2] = 1.0
+    return moved
 
 
 def _box_corners(box: np.ndarray) -> np.ndarray:
