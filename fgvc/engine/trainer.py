@@ -105,6 +105,8 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
         echo(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch}, step {state.step}")
     forward_model = torch.compile(model) if cfg.train.compile else model
 
+    # Built once, so its persistent workers serve every epoch's validation.
+    val_loader = build_eval_loader(cfg, datasets["val"]) if "val" in datasets else None
     log = MetricsLog(run_dir)
     stop = _StopRequest(stop_after_steps)
 
@@ -134,9 +136,9 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
                 echo(f"stopped at step {state.step}; continue with: python -m fgvc.train --resume {run_dir}")
                 return RunResult(run_dir, completed=False, seconds=time.perf_counter() - start)
             record = {"epoch": state.epoch, "train": stats}
-            if "val" in datasets:
-                val = evaluate(forward_model, build_eval_loader(cfg, datasets["val"]), num_classes=num_classes,
-                               device=device, precision=precision, channels_last=cfg.train.channels_last)
+            if val_loader is not None:
+                val = evaluate(forward_model, val_loader, num_classes=num_classes, device=device,
+                               precision=precision, channels_last=cfg.train.channels_last)
                 record["val"] = val
                 echo(f"epoch {state.epoch + 1}/{cfg.schedule.epochs} val top-1 {val['top1']:.2f}%")
             state.epoch, state.batch = state.epoch + 1, 0
