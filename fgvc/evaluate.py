@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: single-crop top-1, top-5 and per-class accuracy, printed and written as JSON.
+"""Evaluate a checkpoint: top-1, top-5 and per-class accuracy (single crop, plus the head's own test-time pass if it
+has one, as WS-DAN does), and where the data has boxes or parts, where the model looks; printed and written as JSON.
 
     python -m fgvc.evaluate --checkpoint runs/<run>/best.pt [--split test]
 """
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fgvc.data.cub import SPLITS
+from fgvc.engine.localization import localization_line
 from fgvc.engine.trainer import evaluate_checkpoint
 
 
@@ -32,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output.write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"{args.split} ({metrics['images']} images): top-1 {metrics['top1']:.2f}%  top-5 "
           f"{metrics.get('top5', float('nan')):.2f}%  per-class {metrics['per_class_accuracy']:.2f}%")
+    if localization := localization_line(metrics):
+        print(localization)
     print(f"written to {output}")
     return 0
 

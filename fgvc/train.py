@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fgvc.config import FLAG_KEYS, ConfigError, load_config
+from fgvc.config import FLAG_KEYS, ConfigError, default_recipe, load_config
+from fgvc.engine.localization import localization_line
 from fgvc.engine.trainer import CONFIG_FILE, RunResult, train
 
 
@@ -40,6 +41,8 @@ def format_results(result: RunResult) -> str:
         if metrics is not None:
             lines.append(f"{name:16}{metrics['top1']:8.2f}{metrics.get('top5', float('nan')):8.2f}"
                          f"{metrics['per_class_accuracy']:11.2f}")
+    if result.test is not None and (localization := localization_line(result.test)):
+        lines.append(f"test {localization}")
     lines.append(f"selected epoch {result.best_epoch}, {result.seconds:.0f} s; run folder: {result.run_dir}")
     return "\n".join(lines)
 
@@ -53,7 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("--resume continues a run with its saved config; it takes no other options")
             result = train(load_config(Path(args.resume) / CONFIG_FILE), resume_dir=args.resume)
         else:
-            result = train(load_config(args.config, args.overrides, flags))
+            recipe = args.config or default_recipe(args.dataset)
+            if recipe is not None and args.config is None:
+                print(f"--dataset {args.dataset}: using the recipe {recipe} (--config chooses another)")
+            result = train(load_config(recipe, args.overrides, flags))
     except (ConfigError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from fgvc.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml, valid_keys
+from fgvc.config import (
+    RECIPES_DIR,
+    Config,
+    ConfigError,
+    default_recipe,
+    from_dict,
+    load_config,
+    to_dict,
+    to_yaml,
+    valid_keys,
+)
+from fgvc.models import build_model
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 
@@ -64,9 +76,24 @@ def test_design_key_names_exist() -> None:
         assert key in keys
 
 
-@pytest.mark.parametrize("recipe", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_recipe_loads(recipe: Path) -> None:
+@pytest.mark.parametrize("recipe", CONFIGS, ids=[f"{p.parent.name}/{p.name}" for p in CONFIGS])
+def test_every_recipe_loads_and_names_its_aim(recipe: Path) -> None:
     assert isinstance(load_config(recipe), Config)
+    header = " ".join(line.lstrip("# ") for line in recipe.read_text().splitlines() if line.startswith("#"))
+    assert re.search(r"\d+(\.\d+)?% test top-1", header), "a recipe says which number it aims at (or measured)"
+
+
+@pytest.mark.parametrize("recipe", sorted((RECIPES_DIR / "cub200").glob("*.yaml")), ids=lambda p: p.name)
+def test_real_dataset_recipes_build_their_models(recipe: Path) -> None:
+    cfg = load_config(recipe, ["model.pretrained=false"])  # the architecture, without downloading weights
+    model = build_model(cfg.model, num_classes=200)
+    assert model.head.fc.out_features == 200
+
+
+def test_dataset_flag_picks_a_default_recipe() -> None:
+    assert default_recipe("cub200") == RECIPES_DIR / "cub200" / "wsdan_inception_v3.yaml"
+    assert default_recipe("cub200").is_file()
+    assert default_recipe("synthbirds") is None
 
 
 def test_there_are_recipes() -> None:

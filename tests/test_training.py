@@ -17,8 +17,9 @@ from fgvc.data.synthbirds import SynthBirdsSpec, generate
 from fgvc.engine import trainer
 from fgvc.engine.checkpoint import load_checkpoint
 from fgvc.engine.optim import build_optimizer, warmup_cosine
-from fgvc.models import build_model
+from fgvc.models import FGVCModel, build_model
 from fgvc.models.backbone import create_backbone
+from fgvc.models.heads import LinearHead
 
 
 def tiny_overrides(root: Path, output: Path, name: str) -> list[str]:
@@ -40,8 +41,9 @@ def uninterrupted(small_birds: Path, tmp_path_factory: pytest.TempPathFactory) -
     return output, final_weights(result.run_dir)
 
 
-def interrupted_then_resumed(root: Path, output: Path, name: str, stop_after: int) -> dict:
-    first = trainer.train(load_config(None, tiny_overrides(root, output, name)), stop_after_steps=stop_after)
+def interrupted_then_resumed(root: Path, output: Path, name: str, stop_after: int, extra: tuple = ()) -> dict:
+    first = trainer.train(load_config(None, [*tiny_overrides(root, output, name), *extra]),
+                          stop_after_steps=stop_after)
     assert not first.completed
     assert load_checkpoint(first.run_dir / "last.pt")["state"]["step"] == stop_after
     resumed = trainer.train(load_config(first.run_dir / trainer.CONFIG_FILE), resume_dir=first.run_dir)
@@ -60,6 +62,15 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 def test_resume_is_bitwise_exact(small_birds: Path, uninterrupted, stop_after: int) -> None:
     output, expected = uninterrupted
     assert_bitwise_equal(interrupted_then_resumed(small_birds, output, f"stop{stop_after}", stop_after), expected)
+
+
+def test_wsdan_resume_is_bitwise_exact(small_birds: Path, tmp_path: Path) -> None:
+    """WS-DAN's extra passes draw maps and thresholds from the RNG and move the class centers: all restored."""
+    extra = ("model.head=wsdan", "model.num_attention_maps=4")
+    whole = trainer.train(load_config(None, [*tiny_overrides(small_birds, tmp_path, "whole"), *extra]))
+    resumed = interrupted_then_resumed(small_birds, tmp_path, "resumed", 2, extra)
+    assert_bitwise_equal(resumed, final_weights(whole.run_dir))
+    assert resumed["head.centers"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("forget", ["rng", "scheduler"])
@@ -87,12 +98,16 @@ def test_run_folder_and_clis(small_birds: Path, tmp_path: Path, capsys) -> None:
     kinds = [json.loads(line)["kind"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("epoch") == 2 and kinds[-1] == "test" and "train" in kinds
     results = json.loads((run_dir / "results.json").read_text())
+    # synthbirds has boxes and parts: the test evaluation says where the model looked
+    assert 0 <= results["test"]["peak_in_box"] <= 100 and 0 <= results["test"]["peak_on_part"] <= 100
+    assert "attention peak in the object box" in printed
 
     # evaluate on the selected checkpoint reproduces the training run's final test evaluation
     assert evaluate_cli.main(["--checkpoint", str(run_dir / "best.pt"), "--split", "test"]) == 0
     evaluated = json.loads((run_dir / "best-test.json").read_text())
     assert evaluated["top1"] == pytest.approx(results["test"]["top1"])
     assert evaluated["per_class_accuracy"] == pytest.approx(results["test"]["per_class_accuracy"])
+    assert evaluated["peak_on_part"] == pytest.approx(results["test"]["peak_on_part"])
 
     # the same run name again is refused; --resume takes no other options
     assert train_cli.main(tiny_overrides(small_birds, tmp_path, "cli")) == 2
@@ -177,27 +192,22 @@ def test_gradient_accumulation_equals_the_large_batch() -> None:
     from fgvc.engine.loop import Precision, TrainState, train_one_epoch
     from fgvc.losses import LabelSmoothingCrossEntropy
 
-    class Linear(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.fc = torch.nn.Linear(6, 3)
-
-        def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"logits": self.fc(images.flatten(1))}
+    def linear_model() -> FGVCModel:
+        torch.manual_seed(0)
+        return FGVCModel(torch.nn.Identity(), LinearHead(6, 3, ModelConfig()))  # 1 x 1 "feature maps"
 
     generator = torch.Generator().manual_seed(1)
     batches = [{"image": torch.randn(4, 6, 1, 1, generator=generator, dtype=torch.float64),
                 "label": torch.randint(0, 3, (4,), generator=generator)} for _ in range(3)]
 
     def run(loader: list[dict], grad_accum: int) -> torch.Tensor:
-        model = Linear().double()
+        model = linear_model().double()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         train_one_epoch(model, LabelSmoothingCrossEntropy(0.1), optimizer, scheduler, loader, TrainState(),
                         batches_in_epoch=len(loader), device=torch.device("cpu"), precision=Precision("cpu"),
                         grad_accum=grad_accum)
-        return model.fc.weight.detach()
+        return model.head.fc.weight.detach()
 
     merged = [{key: torch.cat([batches[0][key], batches[1][key]]) for key in batches[0]}, batches[2]]
     torch.testing.assert_close(run(batches, grad_accum=2), run(merged, grad_accum=1), rtol=1e-12, atol=1e-12)

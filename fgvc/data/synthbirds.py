@@ -632,6 +632,27 @@ def _write_dataset(root: Path, spec: SynthBirdsSpec, workers: int) -> Generation
     return report
 
 
+def discriminative_parts(root: str | os.PathLike, class_names: Sequence[str]) -> list[list[str]] | None:
+    """Per class of `class_names` (classes.txt), the CUB part names that tell it from a class differing in one
+    attribute only -- where a model must look to separate the pair. None when `root` is not a synthbirds tree or
+    its classes are no longer the generated ones (an edited tree)."""
+    metadata_file = Path(root) / METADATA_FILE
+    if not metadata_file.is_file():
+        return None
+    generated = json.loads(metadata_file.read_text())["classes"]
+    if [c["name"] for c in generated] != list(class_names):
+        return None
+    classes = [{factor: c[factor] for factor in CLASS_FACTORS} for c in generated]
+    result = []
+    for mine in classes:
+        factors = {next(f for f in CLASS_FACTORS if other[f] != mine[f]) for other in classes
+                   if sum(other[f] != mine[f] for f in CLASS_FACTORS) == 1}
+        parts = [FACTOR_PART[f] for f in CLASS_FACTORS if f in factors]
+        result.append([name for part in parts for name in (
+            (part, "right " + part.removeprefix("left ")) if part.startswith("left ") else (part,))])
+    return result
+
+
 def attribute_names() -> list[str]:
     """The attribute vocabulary, in the order of attributes.txt."""
     factors = {**CLASS_FACTORS, **NUISANCE_FACTORS}

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fgvc.engine.localization import LocalizationMeter, localization_maps
 from fgvc.engine.metrics import ClassificationMeter
+from fgvc.models import FGVCModel
 
 
 @dataclass
@@ -60,7 +62,7 @@ def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
 
 
 def train_one_epoch(
-    model: nn.Module,
+    model: FGVCModel,
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -89,8 +91,7 @@ def train_one_epoch(
         group_start = state.batch - state.batch % grad_accum
         group_size = min(grad_accum, batches_in_epoch - group_start)
         with precision.autocast():
-            outputs = model(batch["image"])
-            losses = criterion(outputs, batch)
+            outputs, losses = model.training_step(batch, criterion)
         loss = losses["loss"] / group_size
         if precision.scaler is not None:
             precision.scaler.scale(loss).backward()
@@ -124,14 +125,18 @@ def _stats(totals: torch.Tensor, start: float, optimizer: torch.optim.Optimizer)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict], *, num_classes: int, device: torch.device,
-             precision: Precision, channels_last: bool = False) -> dict[str, float]:
-    """Single-crop top-1, top-5 and per-class accuracy over the whole loader."""
+def evaluate(model: FGVCModel, loader: Iterable[dict], *, num_classes: int, device: torch.device,
+             precision: Precision, channels_last: bool = False,
+             localization: LocalizationMeter | None = None) -> dict[str, float]:
+    """Top-1, top-5 and per-class accuracy over the whole loader (with the head's test-time passes, if any), and
+    the localization metrics when a meter is given."""
     model.eval()
     meter = ClassificationMeter(num_classes)
     for batch in loader:
         batch = to_device(batch, device, channels_last)
         with precision.autocast():
-            logits = model(batch["image"])["logits"]
-        meter.update(logits, batch["label"])
-    return meter.compute()
+            outputs = model(batch["image"])
+            if localization is not None:
+                localization.update(localization_maps(model, batch["image"], batch["label"], outputs), batch)
+        meter.update(outputs["logits"], batch["label"])
+    return meter.compute() | (localization.compute() if localization is not None else {})

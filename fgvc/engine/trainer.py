@@ -26,6 +26,7 @@ from fgvc.data.cub import CUBDataset
 from fgvc.data.loader import build_loader
 from fgvc.data.transforms import PartAwareTransform, eval_transform, train_transform
 from fgvc.engine.checkpoint import load_checkpoint, save_checkpoint
+from fgvc.engine.localization import meter_for
 from fgvc.engine.logging import MetricsLog, echo, progress_line
 from fgvc.engine.loop import Precision, TrainState, evaluate, train_one_epoch
 from fgvc.engine.optim import build_optimizer, build_scheduler
@@ -103,7 +104,9 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
     if resume_dir is not None:
         _restore(load_checkpoint(run_dir / LAST), model, optimizer, scheduler, precision, state)
         echo(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch}, step {state.step}")
-    forward_model = torch.compile(model) if cfg.train.compile else model
+    if cfg.train.compile:  # in place, so that every pass a method makes (training_step, refine) is compiled
+        model.backbone.compile()
+        model.head.compile()
 
     # Built once, so its persistent workers serve every epoch's validation.
     val_loader = build_eval_loader(cfg, datasets["val"]) if "val" in datasets else None
@@ -126,7 +129,7 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
     with stop.on_signals():
         while state.epoch < cfg.schedule.epochs:
             train_loader.sampler.set_epoch(state.epoch, start=state.batch * cfg.data.batch_size)
-            stats = train_one_epoch(forward_model, criterion, optimizer, scheduler, train_loader, state,
+            stats = train_one_epoch(model, criterion, optimizer, scheduler, train_loader, state,
                                     batches_in_epoch=batches_in_epoch, device=device, precision=precision,
                                     grad_accum=cfg.train.grad_accum, channels_last=cfg.train.channels_last,
                                     after_step=after_step)
@@ -137,7 +140,7 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
                 return RunResult(run_dir, completed=False, seconds=time.perf_counter() - start)
             record = {"epoch": state.epoch, "train": stats}
             if val_loader is not None:
-                val = evaluate(forward_model, val_loader, num_classes=num_classes, device=device,
+                val = evaluate(model, val_loader, num_classes=num_classes, device=device,
                                precision=precision, channels_last=cfg.train.channels_last)
                 record["val"] = val
                 echo(f"epoch {state.epoch + 1}/{cfg.schedule.epochs} val top-1 {val['top1']:.2f}%")
@@ -155,7 +158,8 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
     best = load_checkpoint(run_dir / BEST, map_location=device)
     model.load_state_dict(best["model"])
     test = evaluate(model, build_eval_loader(cfg, datasets["test"]), num_classes=num_classes, device=device,
-                    precision=precision, channels_last=cfg.train.channels_last)
+                    precision=precision, channels_last=cfg.train.channels_last,
+                    localization=meter_for(datasets["test"]))
     result = RunResult(run_dir, completed=True, val=best["val"], test=test, best_epoch=best["epoch"],
                        seconds=time.perf_counter() - start)
     log.write("test", state.step, checkpoint=BEST, best_epoch=best["epoch"], **test)
@@ -269,7 +273,7 @@ class _StopRequest:
 
 def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_root: str | None = None,
                         device: str = "auto", batch_size: int | None = None) -> dict:
-    """Single-crop metrics of a checkpoint (best.pt or last.pt) on a split, with the run's own data settings."""
+    """Metrics of a checkpoint (best.pt or last.pt) on a split, with the run's own data settings (see evaluate)."""
     checkpoint = load_checkpoint(path)
     cfg = from_dict(checkpoint["config"])
     if data_root is not None:
@@ -282,7 +286,10 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_root: str
                          f"{path} was trained on")
     torch_device = resolve_device(device)
     model = build_model(cfg.model, len(dataset.classes)).to(torch_device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model.load_state_dict(checkpoint["model"])
     metrics = evaluate(model, build_eval_loader(cfg, dataset), num_classes=len(dataset.classes),
-                       device=torch_device, precision=Precision.from_name(cfg.train.amp, torch_device))
+                       device=torch_device, precision=Precision.from_name(cfg.train.amp, torch_device),
+                       channels_last=cfg.train.channels_last, localization=meter_for(dataset))
     return {"checkpoint": str(path), "split": split, "images": len(dataset), **metrics}

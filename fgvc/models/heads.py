@@ -1,24 +1,113 @@
-"""Classification heads, registered by name. Every head takes B x C x H x W features and returns the outputs dict."""
+"""Classification heads, registered by name. Every head takes B x C x H x W features and returns the outputs dict.
+
+A head is also where a method keeps what it needs beyond one forward pass (DESIGN.md): `training_losses` may run
+more passes (WS-DAN's crop and drop) and `refine` may add inference passes (WS-DAN's test-time crop). The defaults
+are one pass and the criterion, so the engine never asks which method it is running.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from fgvc.config import ModelConfig
 from fgvc.registry import Registry
+from fgvc_kernels import BilinearPool, bilinear_pool
 
 HEADS = Registry("head")
+Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # images -> outputs, one pass of the whole model
+
+
+class Head(nn.Module):
+    """Base of every head: one pass in training and at inference."""
+
+    def training_losses(self, forward: Forward, batch: dict, outputs: dict[str, torch.Tensor],
+                        criterion: nn.Module) -> dict[str, torch.Tensor]:
+        """The loss dict of one training step, given the outputs of the pass on batch["image"]."""
+        return criterion(outputs, batch)
+
+    def refine(self, forward: Forward, images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> dict:
+        """Inference outputs, given the pass on `images` (heads with test-time passes override this)."""
+        return outputs
+
+
+def reduction(in_features: int, dim: int | None) -> tuple[nn.Module, int]:
+    """A 1x1 conv + BN + ReLU down to `dim` channels (identity when dim is None), and the channels it leaves."""
+    if dim is None:
+        return nn.Identity(), in_features
+    return nn.Sequential(nn.Conv2d(in_features, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True)), dim
 
 
 @HEADS.register("linear")
-class LinearHead(nn.Module):
+class LinearHead(Head):
     """Global average pooling, dropout, a fully connected classifier."""
 
-    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0) -> None:
+    def __init__(self, in_features: int, num_classes: int, cfg: ModelConfig) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(drop_rate)
+        self.dropout = nn.Dropout(cfg.drop_rate)
         self.fc = nn.Linear(in_features, num_classes)
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = features.mean(dim=(2, 3))
         return {"logits": self.fc(self.dropout(pooled))}
+
+
+@HEADS.register("bilinear")
+class BilinearHead(Head):
+    """B-CNN (Lin et al. 2015): optional 1x1 reduction, self bilinear pooling with signed sqrt and L2 through the
+    fused op, dropout, FC. Without a reduction a C-channel backbone gives C^2 features (512^2 for VGG-16)."""
+
+    def __init__(self, in_features: int, num_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.reduce, channels = reduction(in_features, cfg.head_dim)
+        self.pool = BilinearPool()
+        self.dropout = nn.Dropout(cfg.drop_rate)
+        self.fc = nn.Linear(channels * channels, num_classes)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.fc(self.dropout(self.pool(self.reduce(features))))}
+
+
+@HEADS.register("isqrt")
+class ISqrtHead(Head):
+    """iSQRT-COV (Li et al. 2018): 1x1 reduction (256 by default), covariance pooling through the fused op
+    (centered, no sqrt, no normalization), matrix square root by coupled Newton-Schulz iterations in fp32 with trace
+    pre-normalization and post-compensation, the upper triangle, FC."""
+
+    def __init__(self, in_features: int, num_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.reduce, channels = reduction(in_features, cfg.head_dim or 256)
+        self.iterations = cfg.isqrt_iterations
+        self.register_buffer("upper", torch.triu_indices(channels, channels), persistent=False)
+        self.dropout = nn.Dropout(cfg.drop_rate)
+        self.fc = nn.Linear(channels * (channels + 1) // 2, num_classes)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        reduced = self.reduce(features)
+        batch, channels = reduced.shape[:2]
+        covariance = bilinear_pool(reduced, center=True, sqrt_mode="none", normalize=False,
+                                   out_dtype=torch.promote_types(reduced.dtype, torch.float32))
+        covariance = covariance.view(batch, channels, channels)
+        with torch.autocast(features.device.type, enabled=False):
+            root = newton_schulz_sqrt(covariance, self.iterations)
+        triangle = root[:, self.upper[0], self.upper[1]]
+        return {"logits": self.fc(self.dropout(triangle.to(features.dtype)))}
+
+
+def newton_schulz_sqrt(matrix: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Approximate square roots of a batch of SPD matrices, as iSQRT-COV computes them.
+
+    A = M / tr(M) has eigenvalues in (0, 1], where the coupled iteration Y <- Y T, Z <- T Z with
+    T = (3I - Z Y) / 2 (Y0 = A, Z0 = I) converges to A^(1/2); the result is multiplied back by sqrt(tr(M)).
+    Runs in fp32 at least. A zero matrix gives zeros (the trace is clamped), a singular one stays finite.
+    """
+    matrix = matrix.float() if matrix.dtype != torch.float64 else matrix
+    identity = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device).expand_as(matrix)
+    trace = matrix.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(matrix.dtype).tiny)[:, None, None]
+    y, z = matrix / trace, identity
+    for _ in range(iterations):
+        t = 0.5 * (3.0 * identity - z @ y)
+        y, z = y @ t, t @ z
+    return y * trace.sqrt()

@@ -1,0 +1,105 @@
+"""Where does the model look? Localization metrics from attention maps or class activation maps.
+
+For each test image, the map (a localizer's attention maps averaged over maps; otherwise Grad-CAM of the true class
+on the backbone features, which for a linear head on average-pooled features is exactly the CAM) is resized to the
+image and its peak taken. Reported:
+- peak_in_box: % of images whose peak lies inside the object box;
+- peak_on_part (synthbirds): % of images whose peak lies within `part_radius` x the image side of a visible
+  keypoint of a part that discriminates the true class from a class one attribute away.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fgvc.models import FGVCModel
+
+PART_RADIUS = 0.1  # of the image side: about the length of a synthbirds bill at the default pose scale
+
+
+def localization_maps(model: FGVCModel, images: torch.Tensor, labels: torch.Tensor,
+                      outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """B x h x w maps: the mean attention map where the head has them, else Grad-CAM of the true class."""
+    if "attention_maps" in outputs:
+        return outputs["attention_maps"].float().mean(dim=1)
+    return grad_cam(model, images, labels)
+
+
+def grad_cam(model: FGVCModel, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_c w_c F_c) with w_c the spatial mean of d logit_label / d F_c (Selvaraju et al. 2017)."""
+    with torch.enable_grad():
+        features = model.backbone(images).detach().float().requires_grad_()
+        logits = model.head(features)["logits"]
+        (gradient,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), features)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    return F.relu((weights * features).sum(dim=1)).detach()
+
+
+def peaks(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """B x 2 (x, y) pixel-centre coordinates of each map's maximum after bilinear resizing to `size`."""
+    resized = F.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    flat = resized.flatten(1).argmax(dim=1)
+    width = size[1]
+    return torch.stack([flat % width, flat // width], dim=1).float()
+
+
+class LocalizationMeter:
+    """Accumulates peak_in_box (when batches carry "bbox") and peak_on_part (when `discriminative_parts` is given:
+    per class, indices of the parts that tell it apart; batches then carry "parts")."""
+
+    def __init__(self, discriminative_parts: list[list[int]] | None = None, part_radius: float = PART_RADIUS) -> None:
+        self.discriminative_parts = discriminative_parts
+        self.part_radius = part_radius
+        self.in_box = self.on_part = self.boxed = self.parted = 0
+
+    def update(self, maps: torch.Tensor, batch: dict) -> None:
+        size = batch["image"].shape[-2:]
+        xy = peaks(maps, size).cpu()
+        labels = batch["label"].cpu()
+        if "bbox" in batch:
+            box = batch["bbox"].cpu().float()
+            centre = xy + 0.5  # pixel k covers [k, k + 1) in the box's edge coordinates
+            inside = ((centre[:, 0] >= box[:, 0]) & (centre[:, 0] <= box[:, 0] + box[:, 2]) &
+                      (centre[:, 1] >= box[:, 1]) & (centre[:, 1] <= box[:, 1] + box[:, 3]))
+            self.in_box += int(inside.sum())
+            self.boxed += len(inside)
+        if self.discriminative_parts is not None and "parts" in batch:
+            radius = self.part_radius * min(size)
+            parts = batch["parts"].cpu().float()
+            for peak, label, table in zip(xy, labels.tolist(), parts, strict=True):
+                candidates = table[self.discriminative_parts[label]]
+                visible = candidates[candidates[:, 2] > 0, :2]
+                self.on_part += int(len(visible) > 0 and bool(((visible - peak).norm(dim=1) <= radius).any()))
+                self.parted += 1
+
+    def compute(self) -> dict[str, float]:
+        metrics = {}
+        if self.boxed:
+            metrics["peak_in_box"] = 100.0 * self.in_box / self.boxed
+        if self.parted:
+            metrics["peak_on_part"] = 100.0 * self.on_part / self.parted
+        return metrics
+
+
+def localization_line(metrics: dict[str, float]) -> str:
+    """"attention peak in the object box 83.1%, on a discriminative part 40.2%" (what the metrics hold), or ""."""
+    found = [f"{words} {metrics[key]:.1f}%" for key, words in (("peak_in_box", "in the object box"),
+                                                                ("peak_on_part", "on a discriminative part"))
+             if key in metrics]
+    return "attention peak " + ", ".join(found) if found else ""
+
+
+def meter_for(dataset) -> LocalizationMeter | None:
+    """A meter for a dataset with boxes or parts (CUB format), with discriminative parts for synthbirds; None
+    when the dataset has no annotations to localize against."""
+    annotations = getattr(dataset, "annotations", None)
+    if annotations is None or (annotations.bboxes is None and annotations.parts is None):
+        return None
+    from fgvc.data.synthbirds import discriminative_parts  # the generator module, only when needed
+
+    by_class = discriminative_parts(annotations.root, annotations.classes)
+    if by_class is None or annotations.part_names is None:
+        return LocalizationMeter()
+    index = {name: i for i, name in enumerate(annotations.part_names)}
+    return LocalizationMeter([[index[name] for name in names] for names in by_class])

@@ -1,0 +1,128 @@
+"""WS-DAN (Hu et al. 2019, "See Better Before Looking Closer"): attention maps, bilinear attention pooling, and
+attention-guided crop and drop, with a center loss on the part features.
+
+Training step: the pass on the image gives M attention maps A and part features (A x F through the fused op: signed
+sqrt, L2 over M*C); one map per sample (drawn with probability ~ sqrt of its mass) crops the region above a random
+threshold (resized back), another erases its region; the three passes' cross-entropies are averaged and the center
+loss pulls part features towards moving-average class centers. Test: logits averaged over the image and the crop
+of its mean attention map. Constants follow the authors' released code (see WSDANConfig).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fgvc.config import ModelConfig
+from fgvc.models.heads import HEADS, Forward, Head
+from fgvc_kernels import bilinear_pool
+
+
+@HEADS.register("wsdan")
+class WSDANHead(Head):
+    def __init__(self, in_features: int, num_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        maps = cfg.num_attention_maps
+        if maps < 2:
+            raise ValueError(f"model.num_attention_maps must be at least 2 for WS-DAN (one map guides the crop, "
+                             f"another the drop), got {maps}")
+        self.options = cfg.wsdan
+        self.attention = nn.Sequential(nn.Conv2d(in_features, maps, 1, bias=False), nn.BatchNorm2d(maps),
+                                       nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout(cfg.drop_rate)
+        self.fc = nn.Linear(maps * in_features, num_classes, bias=False)
+        # Class centers of the part features: state, not parameters; saved in checkpoints with the weights.
+        self.register_buffer("centers", torch.zeros(num_classes, maps * in_features))
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        maps = self.attention(features)
+        parts = bilinear_pool(maps, features)  # scale 1/(HW), signed sqrt (eps 1e-12), L2 over M*C
+        return {"logits": self.fc(self.dropout(parts * self.options.logit_scale)), "attention_maps": maps,
+                "part_features": parts}
+
+    def training_losses(self, forward: Forward, batch: dict, outputs: dict[str, torch.Tensor],
+                        criterion: nn.Module) -> dict[str, torch.Tensor]:
+        images, maps = batch["image"], outputs["attention_maps"].detach().float()
+        crop_map, drop_map = choose_maps(maps)
+        crops = crop_and_resize(images, attention_boxes(crop_map, random_thresholds(self.options.crop_threshold,
+                                                                                     len(images), images.device),
+                                                        images.shape[-2:], self.options.crop_padding))
+        drops = attention_drop(images, drop_map, random_thresholds(self.options.drop_threshold, len(images),
+                                                                   images.device))
+        raw = criterion(outputs, batch)["loss"]
+        crop = criterion(forward(crops), batch)["loss"]
+        drop = criterion(forward(drops), batch)["loss"]
+        center = self.center_loss(outputs["part_features"], batch["label"])
+        loss = (raw + crop + drop) / 3 + self.options.center_loss_weight * center
+        return {"loss": loss, "raw": raw.detach(), "crop": crop.detach(), "drop": drop.detach(),
+                "center": center.detach()}
+
+    def refine(self, forward: Forward, images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> dict:
+        mean_map = outputs["attention_maps"].float().mean(dim=1)
+        thresholds = torch.full((len(images),), self.options.test_crop_threshold, device=images.device)
+        boxes = attention_boxes(mean_map, thresholds, images.shape[-2:], self.options.test_crop_padding)
+        crop_logits = forward(crop_and_resize(images, boxes))["logits"]
+        return {**outputs, "logits": (outputs["logits"] + crop_logits) / 2}
+
+    def center_loss(self, parts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of squared distances to the (L2-normalized) class centers over the batch size; then the centers of
+        the batch's classes move towards its features by `center_momentum` (index_add: one update per sample,
+        deterministic where the reference code's indexed assignment keeps only one sample per class)."""
+        parts = parts.float()
+        centers = F.normalize(self.centers[labels], dim=-1)
+        loss = (parts - centers).pow(2).sum() / len(parts)
+        with torch.no_grad():
+            self.centers.index_add_(0, labels, self.options.center_momentum * (parts.detach() - centers))
+        return loss
+
+
+def choose_maps(maps: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two different attention maps per sample (B x M x h x w -> two B x h x w), drawn with probabilities
+    proportional to sqrt(map mass): the first guides the crop, the second the drop."""
+    weights = maps.sum(dim=(2, 3)).clamp_min(0).add(1e-12).sqrt()
+    chosen = torch.multinomial(weights / weights.sum(dim=1, keepdim=True), 2, generator=generator)
+    rows = torch.arange(len(maps), device=maps.device)
+    return maps[rows, chosen[:, 0]], maps[rows, chosen[:, 1]]
+
+
+def random_thresholds(bounds: list[float], count: int, device: torch.device,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    low, high = bounds
+    return low + (high - low) * torch.rand(count, generator=generator, device=device)
+
+
+def normalized_upsampled(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """B x h x w maps divided by their maximum (all-zero maps stay zero), bilinearly resized to the image size."""
+    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+    return F.interpolate((maps / peak)[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def attention_boxes(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],
+                    padding: float) -> torch.Tensor:
+    """Per sample, the box (x0, y0, x1, y1; pixel edges, ints) of the region where the normalized, upsampled map is
+    at least the threshold, grown by `padding` x the image side on each side and clipped to the image; the whole
+    image when the region is empty."""
+    height, width = size
+    region = normalized_upsampled(maps, size) >= thresholds[:, None, None]
+    boxes = torch.tensor([[0, 0, width, height]] * len(maps), dtype=torch.long)
+    pad_y, pad_x = round(padding * height), round(padding * width)
+    for i, mask in enumerate(region.cpu()):
+        rows, cols = mask.any(dim=1).nonzero()[:, 0], mask.any(dim=0).nonzero()[:, 0]
+        if len(rows):
+            boxes[i] = torch.stack([(cols[0] - pad_x).clamp_min(0), (rows[0] - pad_y).clamp_min(0),
+                                    (cols[-1] + 1 + pad_x).clamp_max(width), (rows[-1] + 1 + pad_y).clamp_max(height)])
+    return boxes
+
+
+def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each image's box, bilinearly resized back to the full image size (differentiable in the images)."""
+    size = images.shape[-2:]
+    return torch.cat([F.interpolate(image[None, :, y0:y1, x0:x1], size=size, mode="bilinear", align_corners=False)
+                      for image, (x0, y0, x1, y1) in zip(images, boxes.tolist(), strict=True)])
+
+
+def attention_drop(images: torch.Tensor, maps: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """The images with the region where the normalized, upsampled map reaches the threshold set to zero."""
+    keep = normalized_upsampled(maps, images.shape[-2:]) < thresholds[:, None, None]
+    return images * keep[:, None].to(images.dtype)
