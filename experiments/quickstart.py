@@ -49,10 +49,12 @@ def main() -> None:
         f"{cfg.model.backbone} + {cfg.model.head} head at {cfg.data.image_size} px, {cfg.schedule.epochs} epochs, "
         f"{cfg.optim.name} lr {cfg.optim.lr}.",
         "",
-        "| run | wall time (s) | val top-1 (selected) | test top-1 | test per-class | selected epoch |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| run | wall time (s) | val top-1 (selected) | test top-1 | test per-class | selected epoch "
+        "| test peak in box | test peak on part |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(f"| {i + 1} | {s:.0f} | {r['val']['top1']:.1f} | {r['test']['top1']:.1f} | "
-          f"{r['test']['per_class_accuracy']:.1f} | {r['best_epoch']} |" for i, (s, r) in enumerate(rows)),
+          f"{r['test']['per_class_accuracy']:.1f} | {r['best_epoch']} | {r['test']['peak_in_box']:.1f} | "
+          f"{r['test']['peak_on_part']:.1f} |" for i, (s, r) in enumerate(rows)),
         "",
     ]
     if args.config is None:

@@ -61,7 +61,7 @@ def test_every_head_trains_and_infers_on_cnn_and_vit(backbone: str, name: str) -
 
 
 def test_bilinear_head_pools_as_the_formula_says() -> None:
-    head = HEADS.get("bilinear")(6, 3, ModelConfig()).double().eval()
+    head = HEADS.get("bilinear")(6, 3, ModelConfig(head_dim=None)).double().eval()
     x = features(2, 6, 4, 5)
     flat = x.flatten(2)
     expected = head.fc(signed_sqrt_l2((flat @ flat.transpose(1, 2) / 20).flatten(1)))

@@ -25,7 +25,8 @@ from fgvc.models.heads import LinearHead
 def tiny_overrides(root: Path, output: Path, name: str) -> list[str]:
     """A model and schedule small enough for a few seconds on 2 cores, with dropout so that the RNG matters."""
     return [f"data.root={root}", "data.image_size=32", "data.batch_size=8", "data.workers=0", f"output_dir={output}",
-            f"run_name={name}", "model.backbone=test_resnet", "model.drop_rate=0.3", "schedule.epochs=2",
+            f"run_name={name}", "model.backbone=test_resnet", "model.head=linear", "model.drop_rate=0.3",
+            "schedule.epochs=2",
             "schedule.warmup_epochs=0.5", "optim.lr=0.01", "train.log_every=1", "train.threads=1"]
 
 

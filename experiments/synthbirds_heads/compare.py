@@ -28,7 +28,7 @@ from fgvc.engine import trainer  # noqa: E402
 # WS-DAN uses 16 maps (1,536).
 HEADS = {
     "linear": [],
-    "bilinear": [],
+    "bilinear": ["model.head_dim=null"],
     "isqrt": ["model.head_dim=64"],
     "wsdan": ["model.num_attention_maps=16"],
 }
