@@ -65,8 +65,10 @@ def ensure_synthbirds(spec: SynthBirdsSpec, echo: Callable[[str], None] = print)
     if not (root / synthbirds.METADATA_FILE).is_file():
         echo(f"generating synthbirds into {root} ({spec.num_classes} classes x {spec.images_per_class} images, "
              f"{spec.image_size} px) ...")
-        # Every core draws: the output is byte-identical whatever the number of processes.
-        report = synthbirds.generate(root, spec, workers=os.cpu_count() or 1, overwrite=root.exists())
+        # Every core draws (the output is byte-identical whatever the number of processes), but a worker costs about
+        # 3 s to start, so small trees are drawn by this process alone.
+        workers = max(1, min(os.cpu_count() or 1, spec.num_classes * spec.images_per_class // 1000))
+        report = synthbirds.generate(root, spec, workers=workers, overwrite=root.exists())
         echo(f"  {report.num_images} images in {report.seconds:.1f} s")
     return root
 
