@@ -35,8 +35,15 @@ class SynthBirdsConfig:
 
 @dataclass
 class DataConfig:
+    # synthbirds, cub200, cars196, aircraft100, folder (an ImageFolder tree), mnist, cifar10, cifar100, imagenet
     dataset: str = "synthbirds"
     root: Optional[str] = None  # synthbirds: generated into a cache folder when not given ($FGVC_DATA_ROOT)
+    download: bool = False  # fetch the official archive into root when the dataset is missing (cub200, aircraft100)
+    annotation_level: str = "variant"  # aircraft100: variant (100 classes), family (70) or manufacturer (30)
+    remove_banner: bool = True  # aircraft100: cut the 20-pixel credit banner, as the dataset's README asks
+    # Unreadable images are reported and left out of their batch; the run stops once more than this fraction of a
+    # split's images have failed (0: at the first one). `python -m fgvc.data.check` lists them all up front.
+    max_bad_fraction: float = 0.001
     image_size: int = 96
     resize_size: Optional[int] = None  # default: image_size / 0.875
     crop: str = "resize_crop"  # resize, then random crop (the FGVC recipe); or "random_resized"
@@ -132,6 +139,7 @@ class Config:
 FLAG_KEYS = {
     "dataset": "data.dataset",
     "data_dir": "data.root",
+    "download": "data.download",
     "model": "model.backbone",
     "output_dir": "output_dir",
     "device": "train.device",

@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fgvc.data.annotations import AnnotationError
 from fgvc.data.cub import SPLITS
+from fgvc.data.loader import TooManyUnreadableImages
 from fgvc.engine.localization import localization_line
 from fgvc.engine.trainer import evaluate_checkpoint
 
@@ -27,12 +29,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--output", help="JSON file to write (default: <checkpoint>-<split>.json beside it)")
     args = parser.parse_args(argv)
-    metrics = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_dir, device=args.device,
-                                  batch_size=args.batch_size)
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_dir,
+                                      device=args.device, batch_size=args.batch_size)
+    except (AnnotationError, TooManyUnreadableImages) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_name(f"{checkpoint.stem}-{args.split}.json")
     output.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"{args.split} ({metrics['images']} images): top-1 {metrics['top1']:.2f}%  top-5 "
+    excluded = f", {metrics['excluded_images']} unreadable left out" if metrics.get("excluded_images") else ""
+    print(f"{args.split} ({metrics['images']} images{excluded}): top-1 {metrics['top1']:.2f}%  top-5 "
           f"{metrics.get('top5', float('nan')):.2f}%  per-class {metrics['per_class_accuracy']:.2f}%")
     if localization := localization_line(metrics):
         print(localization)

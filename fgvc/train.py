@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fgvc.config import FLAG_KEYS, ConfigError, default_recipe, load_config
+from fgvc.data.annotations import AnnotationError
+from fgvc.data.download import DownloadError
+from fgvc.data.loader import TooManyUnreadableImages
 from fgvc.engine.localization import localization_line
 from fgvc.engine.trainer import CONFIG_FILE, RunResult, train
 
@@ -23,8 +26,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe merged onto the defaults")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
-    parser.add_argument("--dataset", help="data.dataset (synthbirds, cub200)")
+    parser.add_argument("--dataset", help="data.dataset: synthbirds, cub200, cars196, aircraft100, folder, mnist, "
+                                          "cifar10, cifar100, imagenet")
     parser.add_argument("--data-dir", help="data.root")
+    parser.add_argument("--download", action="store_const", const=True,
+                        help="data.download=true: fetch the official archive into --data-dir if missing")
     parser.add_argument("--model", help="model.backbone: any timm model name")
     parser.add_argument("--output-dir", help="output_dir: where run folders are made")
     parser.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:1, ...")
@@ -60,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if recipe is not None and args.config is None:
                 print(f"--dataset {args.dataset}: using the recipe {recipe} (--config chooses another)")
             result = train(load_config(recipe, args.overrides, flags))
-    except (ConfigError, FileExistsError) as error:
+    except (ConfigError, FileExistsError, AnnotationError, DownloadError, TooManyUnreadableImages) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if result.completed:

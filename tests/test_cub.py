@@ -13,7 +13,8 @@ from PIL import Image
 from fgvc.config import DataConfig, SynthBirdsConfig
 from fgvc.data import DATA_ROOT_ENV, DATASETS, build_dataset
 from fgvc.data.annotations import AnnotationError
-from fgvc.data.cub import CUBAnnotations, CUBDataset, ImageReadError
+from fgvc.data.cub import CUBAnnotations, CUBDataset
+from fgvc.data.images import ImageReadError
 
 from .conftest import SMALL_SPEC
 

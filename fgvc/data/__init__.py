@@ -5,6 +5,7 @@ Datasets are registered by name; each builder takes the data config and a split 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -14,7 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fgvc.config import DataConfig
-from fgvc.data.cub import CUBAnnotations, CUBDataset
+from fgvc.data import aircraft, cars, generic
+from fgvc.data.annotations import AnnotationError
+from fgvc.data.cub import SPLITS, CUBAnnotations, CUBDataset, resolve_root, split_rows
+from fgvc.data.download import download_dataset
+from fgvc.data.image_list import ImageListDataset, ImageTable
 from fgvc.registry import Registry
 
 if TYPE_CHECKING:
@@ -26,10 +31,66 @@ DATA_ROOT_ENV = "FGVC_DATA_ROOT"
 
 @DATASETS.register("cub200")
 def cub200(cfg: DataConfig, split: str) -> CUBDataset:
-    if cfg.root is None:
-        raise ValueError("data.root (--data-dir) must point at CUB_200_2011 (or the folder that contains it)")
-    return CUBDataset(cfg.root, split, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                      annotations=_cached_annotations(cfg.root))
+    root = _required_root(cfg, "CUB_200_2011 (or the folder that contains it)")
+    if cfg.download:
+        try:
+            resolve_root(root)
+        except AnnotationError:
+            download_dataset("cub200", root)
+    return CUBDataset(root, split, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                      annotations=_cached_annotations(root))
+
+
+@DATASETS.register("cars196")
+def cars196(cfg: DataConfig, split: str) -> ImageListDataset:
+    if cfg.download:
+        raise AnnotationError("Stanford Cars has no working download (the official URL is dead); "
+                              + cars.EXPECTED_LAYOUTS)
+    root = _required_root(cfg, "the Stanford Cars folder (or the folder that contains stanford_cars/)")
+    return ImageListDataset(_cached_table(cars.load_cars, root), split, val_fraction=cfg.val_fraction,
+                            split_seed=cfg.split_seed)
+
+
+@DATASETS.register("aircraft100")
+def aircraft100(cfg: DataConfig, split: str) -> ImageListDataset:
+    """FGVC-Aircraft's own splits: data.val_fraction does not apply, the official val split is used."""
+    root = _required_root(cfg, "fgvc-aircraft-2013b (or the folder that contains it)")
+    if cfg.download:
+        try:
+            aircraft.resolve_data_dir(root)
+        except AnnotationError:
+            download_dataset("aircraft100", root)
+    table = _cached_table(aircraft.load_aircraft, root, split, level=cfg.annotation_level,
+                          remove_banner=cfg.remove_banner)
+    return ImageListDataset(table, split)
+
+
+@DATASETS.register("folder")
+def image_folder(cfg: DataConfig, split: str) -> ImageListDataset:
+    root = _required_root(cfg, "an ImageFolder tree: " + generic.FOLDER_LAYOUT)
+    return ImageListDataset(_cached_table(generic.load_image_folder, root, split), split,
+                            val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+
+
+@DATASETS.register("imagenet")
+def imagenet(cfg: DataConfig, split: str) -> ImageListDataset:
+    root = _required_root(cfg, "ILSVRC-2012 as torchvision's ImageNet stores it (meta.bin, train/, val/)")
+    return ImageListDataset(_cached_table(generic.load_imagenet, root), split, val_fraction=cfg.val_fraction,
+                            split_seed=cfg.split_seed)
+
+
+def _torchvision_arrays(name: str) -> Callable[[DataConfig, str], generic.ArrayDataset]:
+    def build(cfg: DataConfig, split: str) -> generic.ArrayDataset:
+        root = _required_root(cfg, f"the folder torchvision's {name} dataset was stored in")
+        images, labels, classes, is_train = _cached_table(generic.load_torchvision_arrays, name, root)
+        rows = split_rows(labels, is_train, split, cfg.val_fraction, cfg.split_seed)
+        return generic.ArrayDataset(images, labels, classes, rows)
+
+    return build
+
+
+for _name in ("mnist", "cifar10", "cifar100"):
+    DATASETS.register(_name)(_torchvision_arrays(_name))
 
 
 @DATASETS.register("synthbirds")
@@ -45,8 +106,22 @@ def synthbirds_dataset(cfg: DataConfig, split: str) -> CUBDataset:
                       annotations=_cached_annotations(root))
 
 
-def build_dataset(cfg: DataConfig, split: str) -> CUBDataset:
+def build_dataset(cfg: DataConfig, split: str) -> CUBDataset | ImageListDataset | generic.ArrayDataset:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     return DATASETS.get(cfg.dataset)(cfg, split)
+
+
+def _required_root(cfg: DataConfig, what: str) -> Path:
+    if cfg.root is None:
+        raise ValueError(f"data.root (--data-dir) must point at {what}")
+    return Path(cfg.root).expanduser()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_table(load: Callable, *args, **kwargs) -> ImageTable:
+    """A loader's result once per process, not once per split (and its layout message once)."""
+    return load(*args, **kwargs)
 
 
 def data_root() -> Path:

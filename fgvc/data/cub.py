@@ -14,16 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from fgvc.data.annotations import AnnotationError, annotation_error, parse_float, parse_int, read_records
+from fgvc.data.images import read_rgb
 
 SPLITS = ("train", "val", "trainval", "test")
 NOT_VISIBLE_CERTAINTY = 1
-
-
-class ImageReadError(OSError):
-    """An image file that cannot be decoded; the message names the file."""
 
 
 def resolve_root(root: str | os.PathLike) -> Path:
@@ -127,15 +123,6 @@ class CUBDataset:
         if ann.attributes is not None:
             sample["attributes"] = ann.attributes[row]
         return sample
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image eagerly (Image.open is lazy) and convert it to RGB; greyscale CUB images included."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"cannot read image {path}: {error}") from error
 
 
 def split_rows(labels: np.ndarray, is_train: np.ndarray, split: str, val_fraction: float, seed: int) -> np.ndarray:

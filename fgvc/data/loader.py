@@ -8,13 +8,18 @@ can be resumed exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from fgvc.data.images import ImageReadError
 from fgvc.data.transforms import PartAwareTransform
+
+UNREADABLE = "unreadable"  # the batch key listing the (path, reason) of samples left out of the batch
 
 
 def derived_seed(*numbers: int) -> int:
@@ -58,9 +63,63 @@ class AugmentedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> dict | UnreadableImage:
         epoch, index = key
-        return self.transform(self.dataset[index], derived_seed(self.seed, epoch, index))
+        try:
+            sample = self.dataset[index]
+        except ImageReadError as error:
+            return UnreadableImage(error.path, error.reason)
+        return self.transform(sample, derived_seed(self.seed, epoch, index))
+
+
+@dataclass(frozen=True)
+class UnreadableImage:
+    """Stands in for a sample whose image could not be decoded; collate leaves it out of the batch (never
+    substituting another sample) and lists it under batch["unreadable"]."""
+
+    path: str
+    reason: str
+
+
+def collate_readable(samples: list[dict | UnreadableImage]) -> dict:
+    """default_collate over the readable samples; unreadable ones are listed under UNREADABLE. A batch of nothing
+    but unreadable images has only that key."""
+    readable = [sample for sample in samples if not isinstance(sample, UnreadableImage)]
+    batch = default_collate(readable) if readable else {}
+    if len(readable) < len(samples):
+        batch[UNREADABLE] = [(s.path, s.reason) for s in samples if isinstance(s, UnreadableImage)]
+    return batch
+
+
+class TooManyUnreadableImages(RuntimeError):
+    pass
+
+
+class UnreadableImages:
+    """The distinct unreadable images met in one split: each is reported once, and the run stops when they exceed
+    `max_fraction` of the split."""
+
+    def __init__(self, split: str, num_images: int, max_fraction: float,
+                 echo: Callable[[str], None] = print) -> None:
+        if not 0 <= max_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_fraction}")
+        self.split, self.echo = split, echo
+        self.allowed = math.floor(max_fraction * num_images)
+        self.num_images = num_images
+        self.reasons: dict[str, str] = {}
+
+    def add(self, reports: Iterable[tuple[str, str]]) -> None:
+        for path, reason in reports:
+            if path in self.reasons:
+                continue
+            self.reasons[path] = reason
+            self.echo(f"left out of its batch, unreadable {self.split} image {path}: {reason} "
+                      f"({len(self.reasons)} so far, at most {self.allowed} allowed by data.max_bad_fraction)")
+            if len(self.reasons) > self.allowed:
+                raise TooManyUnreadableImages(
+                    f"{len(self.reasons)} of the {self.num_images} {self.split} images are unreadable, more than "
+                    f"data.max_bad_fraction allows ({self.allowed}); the latest: {path}: {reason}. "
+                    "List every bad file with: python -m fgvc.data.check --dataset ... --data-dir ...")
 
 
 def build_loader(dataset, transform: PartAwareTransform, *, batch_size: int, seed: int, train: bool,
@@ -80,6 +139,7 @@ def build_loader(dataset, transform: PartAwareTransform, *, batch_size: int, see
         drop_last=train,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
+        collate_fn=collate_readable,
         # The loader draws its workers' base seed from this generator instead of the global RNG, whose stream
         # must stay exactly as in an uninterrupted run when a run is resumed mid-epoch.
         generator=torch.Generator().manual_seed(seed),

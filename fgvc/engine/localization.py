@@ -91,10 +91,12 @@ def localization_line(metrics: dict[str, float]) -> str:
 
 
 def meter_for(dataset) -> LocalizationMeter | None:
-    """A meter for a dataset with boxes or parts (CUB format), with discriminative parts for synthbirds; None
-    when the dataset has no annotations to localize against."""
+    """A meter for a dataset with boxes or parts (CUB format; boxes alone for Cars and Aircraft), with
+    discriminative parts for synthbirds; None when the dataset has no annotations to localize against."""
     annotations = getattr(dataset, "annotations", None)
-    if annotations is None or (annotations.bboxes is None and annotations.parts is None):
+    if annotations is None:  # not CUB-format: boxes at most (Stanford Cars, FGVC-Aircraft)
+        return LocalizationMeter() if getattr(dataset, "bboxes", None) is not None else None
+    if annotations.bboxes is None and annotations.parts is None:
         return None
     from fgvc.data.synthbirds import discriminative_parts  # the generator module, only when needed
 

@@ -41,5 +41,5 @@ def progress_line(epoch: int, epochs: int, batch: int, batches: int, stats: dict
             f"acc {stats['top1']:5.1f}% {stats['images_per_s']:6.1f} img/s lr {stats['lr']:.2e}")
 
 
-def echo(message: str, stream: TextIO = sys.stdout) -> None:
-    print(message, file=stream, flush=True)
+def echo(message: str, stream: TextIO | None = None) -> None:
+    print(message, file=stream or sys.stdout, flush=True)  # sys.stdout looked up now: it may have been replaced

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fgvc.data.loader import UNREADABLE, TooManyUnreadableImages, UnreadableImages
 from fgvc.engine.localization import LocalizationMeter, localization_maps
 from fgvc.engine.metrics import ClassificationMeter
 from fgvc.models import FGVCModel
@@ -75,6 +76,7 @@ def train_one_epoch(
     grad_accum: int = 1,
     channels_last: bool = False,
     after_step: Callable[[TrainState, Callable[[], dict[str, float]]], bool] = lambda state, stats: False,
+    unreadable: UnreadableImages | None = None,
 ) -> dict[str, float] | None:
     """Train from batch `state.batch` of `state.epoch` to the end of the epoch.
 
@@ -82,25 +84,29 @@ def train_one_epoch(
     images/s and lr (it synchronizes with the device, so call it only when logging). `after_step` returns True to
     stop early (the caller checkpoints). Returns the epoch's statistics, or None if stopped.
     Gradients of `grad_accum` batches are summed per step; the epoch's last step averages over the batches left.
+    Unreadable images arrive left out of their batch and are counted by `unreadable`, which stops the run when
+    there are too many; a batch with no readable image still counts as a batch, so the schedule is unchanged.
     """
     model.train()
     totals = torch.zeros(3, device=device)  # loss x images, correct, images -- summed on device, read rarely
     start = time.perf_counter()
     for batch in loader:
-        batch = to_device(batch, device, channels_last)
+        _count_unreadable(batch, unreadable)
         group_start = state.batch - state.batch % grad_accum
         group_size = min(grad_accum, batches_in_epoch - group_start)
-        with precision.autocast():
-            outputs, losses = model.training_step(batch, criterion)
-        loss = losses["loss"] / group_size
-        if precision.scaler is not None:
-            precision.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        with torch.no_grad():
-            n = batch["label"].shape[0]
-            correct = (outputs["logits"].argmax(dim=1) == batch["label"]).sum()
-            totals += torch.stack([losses["loss"].detach().float() * n, correct.float(), totals.new_tensor(n)])
+        if "image" in batch:
+            batch = to_device(batch, device, channels_last)
+            with precision.autocast():
+                outputs, losses = model.training_step(batch, criterion)
+            loss = losses["loss"] / group_size
+            if precision.scaler is not None:
+                precision.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            with torch.no_grad():
+                n = batch["label"].shape[0]
+                correct = (outputs["logits"].argmax(dim=1) == batch["label"]).sum()
+                totals += torch.stack([losses["loss"].detach().float() * n, correct.float(), totals.new_tensor(n)])
         state.batch += 1
         if state.batch - group_start < group_size:
             continue
@@ -117,6 +123,14 @@ def train_one_epoch(
     return _stats(totals, start, optimizer)
 
 
+def _count_unreadable(batch: dict, unreadable: UnreadableImages | None) -> None:
+    reports = batch.pop(UNREADABLE, ())
+    if reports and unreadable is None:
+        raise TooManyUnreadableImages(f"unreadable images: {reports}")
+    if unreadable is not None:
+        unreadable.add(reports)
+
+
 def _stats(totals: torch.Tensor, start: float, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     loss_sum, correct, images = totals.tolist()
     images = max(images, 1.0)
@@ -127,16 +141,24 @@ def _stats(totals: torch.Tensor, start: float, optimizer: torch.optim.Optimizer)
 @torch.no_grad()
 def evaluate(model: FGVCModel, loader: Iterable[dict], *, num_classes: int, device: torch.device,
              precision: Precision, channels_last: bool = False,
-             localization: LocalizationMeter | None = None) -> dict[str, float]:
+             localization: LocalizationMeter | None = None,
+             unreadable: UnreadableImages | None = None) -> dict[str, float]:
     """Top-1, top-5 and per-class accuracy over the whole loader (with the head's test-time passes, if any), and
-    the localization metrics when a meter is given."""
+    the localization metrics when a meter is given. Unreadable images are left out and counted by `unreadable`;
+    the result then says how many ("excluded_images")."""
     model.eval()
     meter = ClassificationMeter(num_classes)
     for batch in loader:
+        _count_unreadable(batch, unreadable)
+        if "image" not in batch:
+            continue
         batch = to_device(batch, device, channels_last)
         with precision.autocast():
             outputs = model(batch["image"])
             if localization is not None:
                 localization.update(localization_maps(model, batch["image"], batch["label"], outputs), batch)
         meter.update(outputs["logits"], batch["label"])
-    return meter.compute() | (localization.compute() if localization is not None else {})
+    metrics = meter.compute() | (localization.compute() if localization is not None else {})
+    if unreadable is not None:
+        metrics["excluded_images"] = len(unreadable.reasons)
+    return metrics

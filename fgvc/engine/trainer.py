@@ -22,8 +22,7 @@ import torch
 import fgvc
 from fgvc.config import Config, from_dict, to_dict, to_yaml
 from fgvc.data import build_dataset
-from fgvc.data.cub import CUBDataset
-from fgvc.data.loader import build_loader
+from fgvc.data.loader import UnreadableImages, build_loader
 from fgvc.data.transforms import PartAwareTransform, eval_transform, train_transform
 from fgvc.engine.checkpoint import load_checkpoint, save_checkpoint
 from fgvc.engine.localization import meter_for
@@ -56,7 +55,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_eval_loader(cfg: Config, dataset: CUBDataset):
+def build_eval_loader(cfg: Config, dataset):
     transform = PartAwareTransform(eval_transform(cfg.data.image_size, resize_size=cfg.data.resize_size),
                                    dataset.part_names)
     return build_loader(dataset, transform, batch_size=cfg.data.eval_batch_size or 2 * cfg.data.batch_size,
@@ -108,6 +107,8 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
         model.backbone.compile()
         model.head.compile()
 
+    unreadable = {split: UnreadableImages(split, len(dataset), cfg.data.max_bad_fraction, echo)
+                  for split, dataset in datasets.items()}
     # Built once, so its persistent workers serve every epoch's validation.
     val_loader = build_eval_loader(cfg, datasets["val"]) if "val" in datasets else None
     log = MetricsLog(run_dir)
@@ -132,7 +133,7 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
             stats = train_one_epoch(model, criterion, optimizer, scheduler, train_loader, state,
                                     batches_in_epoch=batches_in_epoch, device=device, precision=precision,
                                     grad_accum=cfg.train.grad_accum, channels_last=cfg.train.channels_last,
-                                    after_step=after_step)
+                                    after_step=after_step, unreadable=unreadable["train"])
             if stats is None:
                 checkpoint_last()
                 log.close()
@@ -141,7 +142,8 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
             record = {"epoch": state.epoch, "train": stats}
             if val_loader is not None:
                 val = evaluate(model, val_loader, num_classes=num_classes, device=device,
-                               precision=precision, channels_last=cfg.train.channels_last)
+                               precision=precision, channels_last=cfg.train.channels_last,
+                               unreadable=unreadable["val"])
                 record["val"] = val
                 echo(f"epoch {state.epoch + 1}/{cfg.schedule.epochs} val top-1 {val['top1']:.2f}%")
             state.epoch, state.batch = state.epoch + 1, 0
@@ -159,7 +161,7 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
     model.load_state_dict(best["model"])
     test = evaluate(model, build_eval_loader(cfg, datasets["test"]), num_classes=num_classes, device=device,
                     precision=precision, channels_last=cfg.train.channels_last,
-                    localization=meter_for(datasets["test"]))
+                    localization=meter_for(datasets["test"]), unreadable=unreadable["test"])
     result = RunResult(run_dir, completed=True, val=best["val"], test=test, best_epoch=best["epoch"],
                        seconds=time.perf_counter() - start)
     log.write("test", state.step, checkpoint=BEST, best_epoch=best["epoch"], **test)
@@ -291,5 +293,6 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_root: str
     model.load_state_dict(checkpoint["model"])
     metrics = evaluate(model, build_eval_loader(cfg, dataset), num_classes=len(dataset.classes),
                        device=torch_device, precision=Precision.from_name(cfg.train.amp, torch_device),
-                       channels_last=cfg.train.channels_last, localization=meter_for(dataset))
+                       channels_last=cfg.train.channels_last, localization=meter_for(dataset),
+                       unreadable=UnreadableImages(split, len(dataset), cfg.data.max_bad_fraction, echo))
     return {"checkpoint": str(path), "split": split, "images": len(dataset), **metrics}
