@@ -106,7 +106,16 @@ class ScheduleConfig:
 
 @dataclass
 class RegularizationConfig:
-    label_smoothing: float = 0.1  # 1 - eps on the true class, eps / (K - 1) on each other class
+    """The regularization stack every head shares (fgvc.mixing, fgvc.losses). Mixing is off by default; dropout and
+    stochastic depth are model.drop_rate and model.drop_path_rate."""
+
+    label_smoothing: float = 0.1  # 1 - eps on the true class, eps / (K - 1) on each other class; applied once
+    mixup_alpha: float = 0.0  # Mixup: lam ~ Beta(alpha, alpha); 0: off
+    cutmix_alpha: float = 0.0  # CutMix: lam ~ Beta(alpha, alpha); 0: off
+    mix_prob: float = 1.0  # chance that a batch is mixed by Mixup or CutMix (when either is on)
+    switch_prob: float = 0.5  # with both on: chance of CutMix rather than Mixup
+    snapmix_prob: float = 0.0  # chance that a batch is mixed by SnapMix (checked first); 0: off
+    snapmix_alpha: float = 1.0  # SnapMix: each box's lam ~ Beta(alpha, alpha), as the paper's code
 
 
 @dataclass

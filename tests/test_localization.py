@@ -11,9 +11,9 @@ import torch
 from fgvc.config import ModelConfig
 from fgvc.data import CUBDataset
 from fgvc.data.synthbirds import CLASS_FACTORS, FACTOR_PART, discriminative_parts
-from fgvc.engine.localization import LocalizationMeter, grad_cam, localization_line, meter_for, peaks
+from fgvc.engine.localization import LocalizationMeter, localization_line, meter_for, peaks
 from fgvc.models import FGVCModel
-from fgvc.models.heads import LinearHead
+from fgvc.models.heads import LinearHead, grad_cam
 
 
 def test_peaks_are_pixel_centres_of_the_resized_maximum() -> None:
@@ -47,13 +47,17 @@ def test_meter_counts_boxes_and_parts_by_hand() -> None:
     assert localization_line({"top1": 50.0}) == ""
 
 
-def test_grad_cam_of_a_linear_head_is_the_class_activation_map() -> None:
+def test_grad_cam_of_a_linear_head_is_its_class_activation_map() -> None:
     torch.manual_seed(0)
-    model = FGVCModel(torch.nn.Identity(), LinearHead(6, 4, ModelConfig())).eval()
+    model = FGVCModel(torch.nn.Identity(), LinearHead(6, 4, ModelConfig(drop_rate=0.5))).train()
     images = torch.randn(3, 6, 5, 7)  # the identity "backbone" passes these through as features
     labels = torch.tensor([0, 3, 1])
-    cam = torch.einsum("bc,bchw->bhw", model.head.fc.weight[labels], images).relu() / 35
-    torch.testing.assert_close(grad_cam(model, images, labels), cam.detach())
+    cam = torch.einsum("bc,bchw->bhw", model.head.fc.weight[labels], images)
+    # Grad-CAM runs the head without dropout and leaves it in training mode.
+    torch.testing.assert_close(grad_cam(model.head, images, labels), cam.relu().detach() / 35)
+    assert model.head.training
+    exact = model.class_activation_maps(images, labels)  # the linear head's own: the CAM with the class bias
+    torch.testing.assert_close(exact, cam.detach() + model.head.fc.bias[labels].detach()[:, None, None])
 
 
 def test_discriminative_parts_follow_the_one_attribute_neighbours(small_birds: Path) -> None:

@@ -16,6 +16,7 @@ from fgvc.data.export import class_folders, export_imagefolder
 from fgvc.data.loader import UNREADABLE, TooManyUnreadableImages, build_loader
 from fgvc.data.transforms import PartAwareTransform, eval_transform
 from fgvc.engine import trainer
+from fgvc.engine.inference import evaluate_checkpoint
 from tests.test_training import tiny_overrides
 
 
@@ -77,8 +78,9 @@ def test_evaluation_says_how_many_images_it_left_out(birds_copy: Path, tmp_path:
     result = trainer.train(load_config(None, tiny_overrides(birds_copy, tmp_path, "run") + tolerant))
     assert result.test["excluded_images"] == 0
     break_images(birds_copy, "test", 1)
-    metrics = trainer.evaluate_checkpoint(result.run_dir / "best.pt", split="test")
-    assert metrics["excluded_images"] == 1
+    report = evaluate_checkpoint(result.run_dir / "best.pt", split="test", tta=["flip"])
+    assert report.rows["single crop"]["excluded_images"] == report.rows["flip"]["excluded_images"] == 1
+    assert report.confusion.sum() == report.images - 1
 
 
 def test_export_imagefolder_round_trips_through_torchvision(small_birds: Path, tmp_path: Path) -> None:

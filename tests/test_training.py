@@ -74,6 +74,17 @@ def test_wsdan_resume_is_bitwise_exact(small_birds: Path, tmp_path: Path) -> Non
     assert resumed["head.centers"].abs().sum() > 0
 
 
+def test_mixing_resume_is_bitwise_exact_and_mixing_changes_training(small_birds: Path, uninterrupted,
+                                                                    tmp_path: Path) -> None:
+    """Mixup, CutMix and SnapMix draw from the batch's position: a resumed run mixes exactly as a whole one."""
+    extra = ("regularization.mixup_alpha=0.8", "regularization.cutmix_alpha=1.0", "regularization.snapmix_prob=0.5")
+    whole = trainer.train(load_config(None, [*tiny_overrides(small_birds, tmp_path, "whole"), *extra]))
+    resumed = interrupted_then_resumed(small_birds, tmp_path, "resumed", 2, extra)
+    assert_bitwise_equal(resumed, final_weights(whole.run_dir))
+    unmixed = uninterrupted[1]
+    assert any(not torch.equal(resumed[k], unmixed[k]) for k in unmixed)
+
+
 @pytest.mark.parametrize("forget", ["rng", "scheduler"])
 def test_resume_without_rng_or_scheduler_state_differs(small_birds: Path, uninterrupted, monkeypatch,
                                                        forget: str) -> None:

@@ -47,11 +47,13 @@ def train_transform(image_size: int, *, resize_size: int | None = None, crop: st
     return part_aware_compose(geometry + color, mean, std)
 
 
-def eval_transform(image_size: int, *, resize_size: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD) -> A.Compose:
-    """Evaluation preset: resize the short side to image_size / 0.875 (or `resize_size`), centre crop."""
-    return part_aware_compose([A.SmallestMaxSize(max_size=resize_size or round(image_size / EVAL_CROP_RATIO)),
-                     A.CenterCrop(image_size, image_size)], mean, std)
+def eval_transform(image_size: int, *, resize_size: int | None = None, wide: bool = False,
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> A.Compose:
+    """Evaluation preset: resize the short side to image_size / 0.875 (or `resize_size`), centre crop image_size.
+    wide: keep the resized centre square instead (ten-crop TTA takes its crops from it)."""
+    resize = resize_size or round(image_size / EVAL_CROP_RATIO)
+    crop = resize if wide else image_size
+    return part_aware_compose([A.SmallestMaxSize(max_size=resize), A.CenterCrop(crop, crop)], mean, std)
 
 
 def part_aware_compose(transforms: list, mean: Sequence[float] = IMAGENET_MEAN,

@@ -1,8 +1,8 @@
 """Where does the model look? Localization metrics from attention maps or class activation maps.
 
-For each test image, the map (a localizer's attention maps averaged over maps; otherwise Grad-CAM of the true class
-on the backbone features, which for a linear head on average-pooled features is exactly the CAM) is resized to the
-image and its peak taken. Reported:
+For each test image, the map (a localizer's attention maps averaged over maps; otherwise the head's class activation
+map of the true class: the exact CAM for the linear head, Grad-CAM for the others) is resized to the image and its
+peak taken. Reported:
 - peak_in_box: % of images whose peak lies inside the object box;
 - peak_on_part (synthbirds): % of images whose peak lies within `part_radius` x the image side of a visible
   keypoint of a part that discriminates the true class from a class one attribute away.
@@ -20,20 +20,11 @@ PART_RADIUS = 0.1  # of the image side: about the length of a synthbirds bill at
 
 def localization_maps(model: FGVCModel, images: torch.Tensor, labels: torch.Tensor,
                       outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """B x h x w maps: the mean attention map where the head has them, else Grad-CAM of the true class."""
+    """B x h x w maps: the mean attention map where the head has them (already in `outputs`), else the head's class
+    activation maps of the true class (the exact CAM for the linear head, Grad-CAM for the others)."""
     if "attention_maps" in outputs:
         return outputs["attention_maps"].float().mean(dim=1)
-    return grad_cam(model, images, labels)
-
-
-def grad_cam(model: FGVCModel, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """ReLU(sum_c w_c F_c) with w_c the spatial mean of d logit_label / d F_c (Selvaraju et al. 2017)."""
-    with torch.enable_grad():
-        features = model.backbone(images).detach().float().requires_grad_()
-        logits = model.head(features)["logits"]
-        (gradient,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), features)
-    weights = gradient.mean(dim=(2, 3), keepdim=True)
-    return F.relu((weights * features).sum(dim=1)).detach()
+    return model.class_activation_maps(images, labels)
 
 
 def peaks(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

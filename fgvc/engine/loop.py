@@ -15,6 +15,8 @@ from torch import nn
 from fgvc.data.loader import UNREADABLE, TooManyUnreadableImages, UnreadableImages
 from fgvc.engine.localization import LocalizationMeter, localization_maps
 from fgvc.engine.metrics import ClassificationMeter
+from fgvc.engine.tta import View, average_views
+from fgvc.mixing import Mixer
 from fgvc.models import FGVCModel
 
 
@@ -77,6 +79,7 @@ def train_one_epoch(
     channels_last: bool = False,
     after_step: Callable[[TrainState, Callable[[], dict[str, float]]], bool] = lambda state, stats: False,
     unreadable: UnreadableImages | None = None,
+    mixer: Mixer | None = None,
 ) -> dict[str, float] | None:
     """Train from batch `state.batch` of `state.epoch` to the end of the epoch.
 
@@ -86,6 +89,7 @@ def train_one_epoch(
     Gradients of `grad_accum` batches are summed per step; the epoch's last step averages over the batches left.
     Unreadable images arrive left out of their batch and are counted by `unreadable`, which stops the run when
     there are too many; a batch with no readable image still counts as a batch, so the schedule is unchanged.
+    `mixer` (fgvc.mixing) mixes each batch before the step, with draws that depend on the batch's position.
     """
     model.train()
     totals = torch.zeros(3, device=device)  # loss x images, correct, images -- summed on device, read rarely
@@ -96,6 +100,8 @@ def train_one_epoch(
         group_size = min(grad_accum, batches_in_epoch - group_start)
         if "image" in batch:
             batch = to_device(batch, device, channels_last)
+            if mixer is not None:
+                batch = mixer(batch, model, epoch=state.epoch, index=state.batch)
             with precision.autocast():
                 outputs, losses = model.training_step(batch, criterion)
             loss = losses["loss"] / group_size
@@ -142,22 +148,32 @@ def _stats(totals: torch.Tensor, start: float, optimizer: torch.optim.Optimizer)
 def evaluate(model: FGVCModel, loader: Iterable[dict], *, num_classes: int, device: torch.device,
              precision: Precision, channels_last: bool = False,
              localization: LocalizationMeter | None = None,
-             unreadable: UnreadableImages | None = None) -> dict[str, float]:
+             unreadable: UnreadableImages | None = None,
+             views: View | None = None, average: str = "probs",
+             meter: ClassificationMeter | None = None) -> dict[str, float]:
     """Top-1, top-5 and per-class accuracy over the whole loader (with the head's test-time passes, if any), and
-    the localization metrics when a meter is given. Unreadable images are left out and counted by `unreadable`;
-    the result then says how many ("excluded_images")."""
+    the localization metrics when a meter is given.
+
+    views: test-time augmentation (fgvc.engine.tta): the model's logits on each view of a batch are averaged as
+    `average` says; None is the single crop. `meter` (optional) keeps the predictions, e.g. for the confusion
+    matrix. Unreadable images are left out and counted by `unreadable`; the result then says how many
+    ("excluded_images")."""
     model.eval()
-    meter = ClassificationMeter(num_classes)
+    meter = meter if meter is not None else ClassificationMeter(num_classes)
     for batch in loader:
         _count_unreadable(batch, unreadable)
         if "image" not in batch:
             continue
         batch = to_device(batch, device, channels_last)
         with precision.autocast():
-            outputs = model(batch["image"])
-            if localization is not None:
-                localization.update(localization_maps(model, batch["image"], batch["label"], outputs), batch)
-        meter.update(outputs["logits"], batch["label"])
+            if views is None:
+                outputs = model(batch["image"])
+                scores = outputs["logits"]
+                if localization is not None:
+                    localization.update(localization_maps(model, batch["image"], batch["label"], outputs), batch)
+            else:
+                scores = average_views([model(view)["logits"] for view in views(batch["image"])], average)
+        meter.update(scores, batch["label"], batch["index"])
     metrics = meter.compute() | (localization.compute() if localization is not None else {})
     if unreadable is not None:
         metrics["excluded_images"] = len(unreadable.reasons)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import fgvc
-from fgvc.config import Config, from_dict, to_dict, to_yaml
+from fgvc.config import Config, to_dict, to_yaml
 from fgvc.data import build_dataset
 from fgvc.data.loader import UnreadableImages, build_loader
 from fgvc.data.transforms import PartAwareTransform, eval_transform, train_transform
@@ -30,6 +30,7 @@ from fgvc.engine.logging import MetricsLog, echo, progress_line
 from fgvc.engine.loop import Precision, TrainState, evaluate, train_one_epoch
 from fgvc.engine.optim import build_optimizer, build_scheduler
 from fgvc.losses import LabelSmoothingCrossEntropy
+from fgvc.mixing import Mixer
 from fgvc.models import build_model
 
 CONFIG_FILE, META_FILE, RESULTS_FILE = "config.yaml", "meta.json", "results.json"
@@ -55,8 +56,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_eval_loader(cfg: Config, dataset):
-    transform = PartAwareTransform(eval_transform(cfg.data.image_size, resize_size=cfg.data.resize_size),
+def build_eval_loader(cfg: Config, dataset, *, wide: bool = False):
+    """The evaluation loader (wide: the resized centre square instead of the crop, for ten-crop TTA)."""
+    transform = PartAwareTransform(eval_transform(cfg.data.image_size, resize_size=cfg.data.resize_size, wide=wide),
                                    dataset.part_names)
     return build_loader(dataset, transform, batch_size=cfg.data.eval_batch_size or 2 * cfg.data.batch_size,
                         seed=cfg.train.seed, train=False, workers=cfg.data.workers)
@@ -99,6 +101,7 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch)
     precision = Precision.from_name(cfg.train.amp, device)
     criterion = LabelSmoothingCrossEntropy(cfg.regularization.label_smoothing)
+    mixer = Mixer(cfg.regularization, num_classes, cfg.train.seed)
     state = TrainState()
     if resume_dir is not None:
         _restore(load_checkpoint(run_dir / LAST), model, optimizer, scheduler, precision, state)
@@ -133,7 +136,8 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
             stats = train_one_epoch(model, criterion, optimizer, scheduler, train_loader, state,
                                     batches_in_epoch=batches_in_epoch, device=device, precision=precision,
                                     grad_accum=cfg.train.grad_accum, channels_last=cfg.train.channels_last,
-                                    after_step=after_step, unreadable=unreadable["train"])
+                                    after_step=after_step, unreadable=unreadable["train"],
+                                    mixer=mixer if mixer.enabled else None)
             if stats is None:
                 checkpoint_last()
                 log.close()
@@ -271,28 +275,3 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.signalled = True
         echo(f"received signal {signum}: stopping after this step and saving {LAST} ...")
-
-
-def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_root: str | None = None,
-                        device: str = "auto", batch_size: int | None = None) -> dict:
-    """Metrics of a checkpoint (best.pt or last.pt) on a split, with the run's own data settings (see evaluate)."""
-    checkpoint = load_checkpoint(path)
-    cfg = from_dict(checkpoint["config"])
-    if data_root is not None:
-        cfg.data.root = data_root
-    if batch_size is not None:
-        cfg.data.eval_batch_size = batch_size
-    dataset = build_dataset(cfg.data, split)
-    if list(dataset.classes) != list(checkpoint["classes"]):
-        raise ValueError(f"the {split} data at {cfg.data.root or cfg.data.dataset} has other classes than the ones "
-                         f"{path} was trained on")
-    torch_device = resolve_device(device)
-    model = build_model(cfg.model, len(dataset.classes)).to(torch_device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.load_state_dict(checkpoint["model"])
-    metrics = evaluate(model, build_eval_loader(cfg, dataset), num_classes=len(dataset.classes),
-                       device=torch_device, precision=Precision.from_name(cfg.train.amp, torch_device),
-                       channels_last=cfg.train.channels_last, localization=meter_for(dataset),
-                       unreadable=UnreadableImages(split, len(dataset), cfg.data.max_bad_fraction, echo))
-    return {"checkpoint": str(path), "split": split, "images": len(dataset), **metrics}

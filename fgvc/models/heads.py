@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fgvc.config import ModelConfig
@@ -32,6 +33,31 @@ class Head(nn.Module):
         """Inference outputs, given the pass on `images` (heads with test-time passes override this)."""
         return outputs
 
+    def class_activation_maps(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """B x h x w maps of where the evidence for `labels` lies in `features`; Grad-CAM unless a head has its own
+        (the linear head's exact CAM, WS-DAN's attention maps)."""
+        return grad_cam(self, features, labels)
+
+    def test_crop_boxes(self, outputs: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor | None:
+        """The boxes (x0, y0, x1, y1) that `refine` crops at test time, for heads that crop; None otherwise."""
+        return None
+
+
+def grad_cam(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_c w_c F_c) with w_c the spatial mean of d logit_label / d F_c (Selvaraju et al. 2017), for any head.
+    The head runs in eval mode (no dropout) and nothing flows back into the features."""
+    was_training = head.training
+    head.eval()
+    try:
+        with torch.enable_grad():
+            features = features.detach().float().requires_grad_()
+            logits = head(features)["logits"]
+            (gradient,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), features)
+    finally:
+        head.train(was_training)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    return F.relu((weights * features).sum(dim=1)).detach()
+
 
 def reduction(in_features: int, dim: int | None) -> tuple[nn.Module, int]:
     """A 1x1 conv + BN + ReLU down to `dim` channels (identity when dim is None), and the channels it leaves."""
@@ -52,6 +78,13 @@ class LinearHead(Head):
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = features.mean(dim=(2, 3))
         return {"logits": self.fc(self.dropout(pooled))}
+
+    def class_activation_maps(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The class activation map (Zhou et al. 2016): the true class's classifier weights over the feature map,
+        plus its bias -- the maps whose spatial mean is the logit."""
+        weights = self.fc.weight[labels].float()
+        maps = torch.einsum("bc,bchw->bhw", weights, features.detach().float())
+        return (maps + self.fc.bias[labels].float()[:, None, None]).detach()
 
 
 @HEADS.register("bilinear")

@@ -26,6 +26,11 @@ class FGVCModel(nn.Module):
         outputs = self.single_pass(images)
         return outputs if self.training else self.head.refine(self.single_pass, images, outputs)
 
+    @torch.no_grad()
+    def class_activation_maps(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """B x h x w maps of the evidence for `labels` (the head's own kind; see Head.class_activation_maps)."""
+        return self.head.class_activation_maps(self.backbone(images), labels)
+
     def training_step(self, batch: dict, criterion: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         """(outputs of the pass on batch["image"], the loss dict) -- extra passes are the head's business."""
         outputs = self.single_pass(batch["image"])

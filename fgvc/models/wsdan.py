@@ -59,11 +59,20 @@ class WSDANHead(Head):
                 "center": center.detach()}
 
     def refine(self, forward: Forward, images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> dict:
-        mean_map = outputs["attention_maps"].float().mean(dim=1)
-        thresholds = torch.full((len(images),), self.options.test_crop_threshold, device=images.device)
-        boxes = attention_boxes(mean_map, thresholds, images.shape[-2:], self.options.test_crop_padding)
+        boxes = self.test_crop_boxes(outputs, images.shape[-2:])
         crop_logits = forward(crop_and_resize(images, boxes))["logits"]
         return {**outputs, "logits": (outputs["logits"] + crop_logits) / 2}
+
+    def test_crop_boxes(self, outputs: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """The test-time attention crop (x0, y0, x1, y1 in pixel edges) of each image: where the mean attention map
+        exceeds test_crop_threshold, padded."""
+        mean_map = outputs["attention_maps"].float().mean(dim=1)
+        thresholds = torch.full((len(mean_map),), self.options.test_crop_threshold, device=mean_map.device)
+        return attention_boxes(mean_map, thresholds, size, self.options.test_crop_padding)
+
+    def class_activation_maps(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """WS-DAN's own maps: the mean attention map (class-agnostic, as the method uses it)."""
+        return self(features)["attention_maps"].detach().float().mean(dim=1)
 
     def center_loss(self, parts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of squared distances to the (L2-normalized) class centers over the batch size; then the centers of
