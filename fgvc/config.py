@@ -77,6 +77,9 @@ class ModelConfig:
     backbone: str = "test_resnet"  # any timm model name; the default is timm's smallest ResNet, for the CPU
     pretrained: bool = False  # timm/Hugging Face hub weights (needs the network)
     pretrained_file: Optional[str] = None  # local weights (safetensors or a state dict), works offline
+    # Pool an earlier stage instead of the final features: an index into timm's feature_info (for ResNets 3 is
+    # stride 16, 4 the last stage). The layers after it are not built. null: the final features.
+    feature_stage: Optional[int] = None
     head: str = "isqrt"  # the quick start: the best test top-1 of the heads in one CPU budget (experiments/)
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth, where the timm backbone supports it

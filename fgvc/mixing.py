@@ -167,6 +167,8 @@ class Mixer:
     def snapmix(self, batch: dict, model, rng: np.random.Generator) -> dict:
         images = batch["image"]
         size = images.shape[-2:]
+        # The maps come from an extra no-grad pass in the model's current (training) mode, as in the authors' code:
+        # batch statistics for the backbone's norms, whose running averages this pass also updates.
         cams = normalized_cams(model.class_activation_maps(images, batch["label"]), size)
         target_box = random_box(*size, float(rng.beta(self.cfg.snapmix_alpha, self.cfg.snapmix_alpha)), rng)
         source_box = random_box(*size, float(rng.beta(self.cfg.snapmix_alpha, self.cfg.snapmix_alpha)), rng)

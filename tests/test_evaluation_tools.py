@@ -157,6 +157,23 @@ def test_attention_figure_png_has_the_expected_size(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_the_saved_picture_is_bright_where_the_map_peaks(tmp_path: Path) -> None:
+    image = np.full((32, 32, 3), 100, dtype=np.uint8)
+    heatmap = np.zeros((4, 4))
+    heatmap[3, 0] = 1.0  # bottom-left cell: image rows 24..31, columns 0..7
+    figure = attention_figure(image, [("peaked", heatmap)], dpi=100)
+    path = save_figure(figure, tmp_path / "peak.png")
+    picture = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    panel = figure.axes[1]  # the overlay panel, after the input
+
+    def pixel(x: float, y: float) -> np.ndarray:
+        column, row = panel.transData.transform((x, y))
+        return picture[picture.shape[0] - int(round(row)), int(round(column))]
+
+    assert pixel(3.5, 27.5).sum() > pixel(27.5, 3.5).sum() + 150  # bright at the peak, dark far from it
+    np.testing.assert_allclose(pixel(27.5, 3.5), np.asarray(overlay(image, heatmap)[3, 27]), atol=12)
+
+
 @pytest.mark.parametrize("head", ["linear", "wsdan"])
 def test_visualize_writes_one_png_per_image(small_birds: Path, tmp_path: Path, head: str, capsys) -> None:
     extra = ["schedule.epochs=1", f"model.head={head}", "model.num_attention_maps=4"]

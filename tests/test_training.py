@@ -198,6 +198,19 @@ def test_vit_tokens_become_a_feature_map() -> None:
     assert features.shape[:2] == (2, backbone.num_features) and features.shape[2] == features.shape[3]
 
 
+@pytest.mark.parametrize(("backbone", "stage", "size", "expected"), [("test_resnet", 3, 96, (192, 6, 6)),
+                                                                     ("test_vit", 1, 160, (64, 10, 10))])
+def test_an_earlier_feature_stage_is_pooled_and_later_ones_not_built(backbone: str, stage: int, size: int,
+                                                                     expected: tuple) -> None:
+    torch.manual_seed(0)
+    early = create_backbone(ModelConfig(backbone=backbone, feature_stage=stage))
+    assert early(torch.randn(2, 3, size, size)).shape == (2, *expected) and early.num_features == expected[0]
+    full = create_backbone(ModelConfig(backbone=backbone))
+    assert sum(p.numel() for p in early.parameters()) < sum(p.numel() for p in full.parameters())
+    model = build_model(ModelConfig(backbone=backbone, feature_stage=stage, head="isqrt", head_dim=8), 3)
+    assert model(torch.randn(2, 3, size, size))["logits"].shape == (2, 3)
+
+
 def test_gradient_accumulation_equals_the_large_batch() -> None:
     """Two accumulated batches of 4 make the same SGD step as one batch of 8; an epoch's last, partial group is
     averaged over the batches it has (here 3 batches, accumulation 2: groups of 2 and 1)."""

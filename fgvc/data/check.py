@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fgvc.config import ConfigError, load_config
+from fgvc.config import ConfigError, DataConfig, load_config
 from fgvc.data import build_dataset
 from fgvc.data.annotations import AnnotationError
 from fgvc.data.cub import SPLITS
@@ -60,7 +60,7 @@ def _problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-def split_paths(cfg_data, splits: Sequence[str]) -> list[Path]:
+def split_paths(cfg_data: DataConfig, splits: Sequence[str]) -> list[Path]:
     """Image files of the splits, each once, in dataset order."""
     seen: dict[Path, None] = {}
     for split in splits:

@@ -20,12 +20,14 @@ class Backbone(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.num_features = model.num_features
+        # A features_only model (model.feature_stage) returns a list of stage outputs: the last one is pooled.
+        self.stage_output = hasattr(model, "feature_info") and not hasattr(model, "forward_features")
+        self.num_features = model.feature_info.channels()[-1] if self.stage_output else model.num_features
         self.channels_last_output = getattr(model, "output_fmt", "NCHW") == "NHWC"
         self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.model.forward_features(images)
+        features = self.model(images)[-1] if self.stage_output else self.model.forward_features(images)
         if features.ndim == 3:
             tokens = features[:, self.num_prefix_tokens :]
             side = math.isqrt(tokens.shape[1])
@@ -40,6 +42,8 @@ class Backbone(nn.Module):
 def create_backbone(cfg: ModelConfig) -> Backbone:
     """timm.create_model without a classifier; weights from the hub (`pretrained`) or a local file, offline."""
     kwargs: dict = {"num_classes": 0}
+    if cfg.feature_stage is not None:  # timm builds the network only up to that stage
+        kwargs.update(features_only=True, out_indices=(cfg.feature_stage,))
     if cfg.drop_path_rate > 0:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if cfg.pretrained_file is not None:
