@@ -9,6 +9,7 @@ matplotlib's object API (no pyplot, no global backend), so this works in scripts
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from matplotlib.patches import Rectangle
 from fgvc.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 COLOR_MAP = "inferno"
+MIN_FIGURE_INCHES = 7.0
 
 
 def resize_map(heatmap: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -61,7 +63,8 @@ def attention_figure(image: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], 
     panels = 1 + len(maps)
     columns = min(columns, panels)
     rows = math.ceil(panels / columns)
-    figure = Figure(figsize=(columns * panel_inches + 0.8, rows * panel_inches + 0.9), dpi=dpi)
+    width = max(columns * panel_inches + 0.8, MIN_FIGURE_INCHES)  # room for the title lines
+    figure = Figure(figsize=(width, rows * panel_inches + 0.9), dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
     top = max((float(resize_map(m, image.shape[:2]).max()) for _, m in maps), default=1.0)
     norm = Normalize(0.0, max(top, 1e-12))
@@ -81,12 +84,13 @@ def attention_figure(image: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], 
         first.scatter(parts[visible, 0], parts[visible, 1], s=9, c="white", edgecolors="black", linewidths=0.5)
     for ax, (name, heatmap) in zip(list(axes.flat)[1:], maps, strict=False):
         ax.imshow(overlay(image, heatmap, vmax=norm.vmax))
-        ax.set_title(name, fontsize=8)
-    figure.colorbar(ScalarMappable(norm=norm, cmap=COLOR_MAP), ax=list(axes.flat), fraction=0.02, pad=0.01,
-                    label="map value")
+        ax.set_title(textwrap.fill(name, 30), fontsize=7)
+    figure.colorbar(ScalarMappable(norm=norm, cmap=COLOR_MAP), ax=list(axes.flat), fraction=0.03, pad=0.01,
+                    label="map value", shrink=0.9)
     ranked = "   ".join(f"{rank}. {name} {100 * p:.1f}%" for rank, (name, p) in enumerate(predictions, start=1))
-    if title or ranked:
-        figure.suptitle("\n".join(line for line in (title, ranked) if line), fontsize=9)
+    lines = [textwrap.fill(line, round(width * 13)) for line in (title, ranked) if line]
+    if lines:
+        figure.suptitle("\n".join(lines), fontsize=8)
     return figure
 
 

@@ -13,7 +13,7 @@ from fgvc.data import CUBDataset
 from fgvc.data.synthbirds import CLASS_FACTORS, FACTOR_PART, discriminative_parts
 from fgvc.engine.localization import LocalizationMeter, localization_line, meter_for, peaks
 from fgvc.models import FGVCModel
-from fgvc.models.heads import LinearHead, grad_cam
+from fgvc.models.heads import ISqrtHead, LinearHead, grad_cam, gradient_times_features
 
 
 def test_peaks_are_pixel_centres_of_the_resized_maximum() -> None:
@@ -58,6 +58,18 @@ def test_grad_cam_of_a_linear_head_is_its_class_activation_map() -> None:
     assert model.head.training
     exact = model.class_activation_maps(images, labels)  # the linear head's own: the CAM with the class bias
     torch.testing.assert_close(exact, cam.detach() + model.head.fc.bias[labels].detach()[:, None, None])
+    # Per-position gradient x feature is the same map for a linear head (the gradient is w / (h w) everywhere).
+    torch.testing.assert_close(gradient_times_features(model.head, images, labels), cam.relu().detach() / 35)
+
+
+def test_isqrt_maps_are_gradient_times_features() -> None:
+    torch.manual_seed(0)
+    head = ISqrtHead(6, 4, ModelConfig(head_dim=5, isqrt_iterations=3)).eval()
+    features = torch.rand(8, 6, 5, 5)
+    labels = torch.arange(8) % 4
+    maps = head.class_activation_maps(features, labels)
+    torch.testing.assert_close(maps, gradient_times_features(head, features, labels))
+    assert (maps.flatten(1).amax(dim=1) > 0).all()
 
 
 def test_discriminative_parts_follow_the_one_attribute_neighbours(small_birds: Path) -> None:

@@ -35,7 +35,7 @@ class Head(nn.Module):
 
     def class_activation_maps(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """B x h x w maps of where the evidence for `labels` lies in `features`; Grad-CAM unless a head has its own
-        (the linear head's exact CAM, WS-DAN's attention maps)."""
+        (the linear head's exact CAM, WS-DAN's attention maps, gradient x feature for iSQRT)."""
         return grad_cam(self, features, labels)
 
     def test_crop_boxes(self, outputs: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor | None:
@@ -46,6 +46,25 @@ class Head(nn.Module):
 def grad_cam(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """ReLU(sum_c w_c F_c) with w_c the spatial mean of d logit_label / d F_c (Selvaraju et al. 2017), for any head.
     The head runs in eval mode (no dropout) and nothing flows back into the features."""
+    features, gradient = _label_gradient(head, features, labels)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    return F.relu((weights * features).sum(dim=1)).detach()
+
+
+def gradient_times_features(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_c F_c,p d logit_label / d F_c,p) at each position p: the evidence at each position, to first order.
+
+    Grad-CAM averages the gradient over positions before weighting the features. Through centered covariance pooling
+    (iSQRT) the gradient at position p is proportional to its deviation from the mean, and those deviations nearly
+    cancel in the average: 36 of 60 sampled test maps of the quick-start iSQRT model were exactly zero after
+    Grad-CAM's ReLU. Weighting each position by its own gradient keeps the evidence. For a linear head on
+    average-pooled features both are the class activation map / (h w), up to the ReLU."""
+    features, gradient = _label_gradient(head, features, labels)
+    return F.relu((gradient * features).sum(dim=1)).detach()
+
+
+def _label_gradient(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features as fp32, d logit_label / d features), with the head in eval mode (no dropout) for the pass."""
     was_training = head.training
     head.eval()
     try:
@@ -55,8 +74,7 @@ def grad_cam(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> t
             (gradient,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), features)
     finally:
         head.train(was_training)
-    weights = gradient.mean(dim=(2, 3), keepdim=True)
-    return F.relu((weights * features).sum(dim=1)).detach()
+    return features.detach(), gradient
 
 
 def reduction(in_features: int, dim: int | None) -> tuple[nn.Module, int]:
@@ -103,6 +121,7 @@ class BilinearHead(Head):
         return {"logits": self.fc(self.dropout(self.pool(self.reduce(features))))}
 
 
+
 @HEADS.register("isqrt")
 class ISqrtHead(Head):
     """iSQRT-COV (Li et al. 2018): 1x1 reduction (256 by default), covariance pooling through the fused op
@@ -127,6 +146,9 @@ class ISqrtHead(Head):
             root = newton_schulz_sqrt(covariance, self.iterations)
         triangle = root[:, self.upper[0], self.upper[1]]
         return {"logits": self.fc(self.dropout(triangle.to(features.dtype)))}
+
+    def class_activation_maps(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return gradient_times_features(self, features, labels)  # Grad-CAM nearly vanishes for covariance pooling
 
 
 def newton_schulz_sqrt(matrix: torch.Tensor, iterations: int) -> torch.Tensor:
