@@ -1,8 +1,8 @@
 """Where does the model look? Localization metrics from attention maps or class activation maps.
 
 For each test image, the map (a localizer's attention maps averaged over maps; otherwise the head's class activation
-map of the true class: the exact CAM for the linear head, Grad-CAM for the others) is resized to the image and its
-peak taken. Reported:
+map of the true class: the exact CAM for the linear head, gradient x feature for iSQRT, Grad-CAM for the others)
+is resized to the image and its peak taken. Reported:
 - peak_in_box: % of images whose peak lies inside the object box;
 - peak_on_part (synthbirds): % of images whose peak lies within `part_radius` x the image side of a visible
   keypoint of a part that discriminates the true class from a class one attribute away.
@@ -21,7 +21,7 @@ PART_RADIUS = 0.1  # of the image side: about the length of a synthbirds bill at
 def localization_maps(model: FGVCModel, images: torch.Tensor, labels: torch.Tensor,
                       outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """B x h x w maps: the mean attention map where the head has them (already in `outputs`), else the head's class
-    activation maps of the true class (the exact CAM for the linear head, Grad-CAM for the others)."""
+    activation maps of the true class (Head.class_activation_maps)."""
     if "attention_maps" in outputs:
         return outputs["attention_maps"].float().mean(dim=1)
     return model.class_activation_maps(images, labels)
