@@ -92,7 +92,7 @@ def collate_readable(samples: list[dict | UnreadableImage]) -> dict:
 
 
 class TooManyUnreadableImages(RuntimeError):
-    pass
+    """More unreadable images in a split than data.max_bad_fraction allows; the message names the latest one."""
 
 
 class UnreadableImages:
