@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import emit, header  # noqa: E402
+from report import emit, header, mean_spread  # noqa: E402
 
 from fgvc.config import load_config  # noqa: E402
 from fgvc.engine import trainer  # noqa: E402
@@ -31,11 +31,6 @@ VARIANTS = {
     "snapmix (alpha 1.0, every batch)": ["regularization.snapmix_prob=1.0", "regularization.snapmix_alpha=1.0"],
 }
 BASE = ["regularization.label_smoothing=0.0", "train.log_every=100000"]
-
-
-def mean_spread(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,3 +21,9 @@ def emit(lines: list[str], out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table)
+
+
+def mean_spread(values: list[float]) -> str:
+    """"mean ± sample standard deviation" (± 0.0 for a single value), one decimal."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"

@@ -108,6 +108,15 @@ def test_download_resumes_after_an_interruption(server: str, tmp_path: Path) -> 
     assert target.read_bytes() == data and not (tmp_path / "a.tar.gz.part").exists()
 
 
+def test_a_complete_part_file_is_verified_without_fetching_again(server: str, tmp_path: Path) -> None:
+    data = b"all of it"
+    ArchiveServer.files["/a.tar.gz"] = data
+    (tmp_path / "a.tar.gz.part").write_bytes(data)  # an earlier attempt got every byte, then stopped
+    download(f"{server}/a.tar.gz", tmp_path / "a.tar.gz", md5(data), echo=lambda _: None)
+    assert ArchiveServer.ranges == [f"bytes={len(data)}-"]  # answered 416: nothing left to send
+    assert (tmp_path / "a.tar.gz").read_bytes() == data
+
+
 def test_checksum_mismatch_deletes_the_download(server: str, tmp_path: Path) -> None:
     ArchiveServer.files["/a.tar.gz"] = b"some bytes"
     with pytest.raises(DownloadError, match=f"checksum mismatch, expected MD5 {'0' * 32}, got {md5(b'some bytes')}"):

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from report import emit, header  # noqa: E402
+from report import emit, header, mean_spread  # noqa: E402
 from train_throughput import fgvc_rate, make_batches  # noqa: E402
 
 from fgvc.config import load_config  # noqa: E402
@@ -33,11 +33,6 @@ HEADS = {
     "wsdan": ["model.num_attention_maps=16"],
 }
 COMMON = ["data.workers=0", "data.batch_size=16", "optim.lr=0.005"]
-
-
-def mean_spread(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
 def main() -> None:

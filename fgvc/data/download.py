@@ -113,9 +113,7 @@ def download(url: str, path: Path, md5: str, *, echo: Callable[[str], None] = pr
             if total is not None and partial.stat().st_size < total:
                 raise ConnectionError(f"the connection closed {total - partial.stat().st_size} bytes early")
     except urllib.error.HTTPError as error:
-        if error.code == 416 and offset:  # the part file is already complete
-            pass
-        else:
+        if not (error.code == 416 and offset):  # 416 to a resume: the part file is already complete; verify it
             raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from error
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         size = partial.stat().st_size if partial.exists() else 0
