@@ -1,6 +1,6 @@
 """The run configuration: nested dataclasses are the schema; YAML files and `key=value` overrides merge onto it.
 
-    cfg = load_config("configs/synthbirds/linear_resnet10t.yaml", ["optim.lr=0.01", "schedule.epochs=20"])
+    cfg = load_config("configs/synthbirds/linear_test_resnet_long.yaml", ["optim.lr=0.01", "schedule.epochs=20"])
 
 Unknown keys fail with the nearest valid name, wrong types fail naming the key, and the resolved config is what a
 run saves beside its checkpoints (DINOv2's "defaults + overrides, save the resolved config").

@@ -2,7 +2,7 @@
 
     python -m fgvc.train                                   # the quick start: synthbirds on the CPU, a few minutes
     python -m fgvc.train --dataset cub200 --data-dir ~/data/CUB_200_2011
-    python -m fgvc.train --config configs/synthbirds/linear_resnet10t.yaml optim.lr=0.01
+    python -m fgvc.train --config configs/synthbirds/linear_test_resnet_long.yaml optim.lr=0.01
     python -m fgvc.train --resume runs/<run>                # continue an interrupted run exactly
 """
 

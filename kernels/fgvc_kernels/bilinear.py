@@ -376,11 +376,15 @@ def _torch_backward(grad: Tensor, out: Tensor, norm: Tensor, x: Tensor, y: Tenso
         zg = torch.mul(z, g, out=scratch).flatten(1).sum(1) * (norm > NORM_FLOOR)  # <z, g>; below the floor: 0
         g.addcmul_(z, zg.view(-1, 1, 1), value=-1)
     if sqrt_mode != "none":
-        # dL/dp = (g - z <z, g>) / (2 d (|sigma| + c)) with |sigma| = |z| d: one denominator, d folded in.
+        # The [p != 0] mask as a multiplication by |sign(z)|: on the CPU, eq + masked_fill_ cost twice as much. It
+        # comes first so that 0 / (tiny) below is 0 (an upstream NaN stays NaN, as autograd's would).
+        g.mul_(torch.sign(z, out=scratch).abs_())
+        # dL/dp = (g - z <z, g>) / (2 d (|sigma| + c)) with |sigma| = |z| d: one denominator, d folded in; clamped
+        # above zero only where z == 0 (elsewhere |sigma| >= sqrt(eps) or |p|, far above the smallest normal float).
         denominator = torch.abs(z, out=scratch).mul_(2 * divisor * divisor)
         if sqrt_mode == "smooth":
             denominator.add_(2 * divisor * math.sqrt(eps))
-        g.div_(denominator).masked_fill_(z == 0, 0.0)
+        g.div_(denominator.clamp_min_(torch.finfo(denominator.dtype).tiny))
     elif normalize:
         g.div_(divisor)
     del scratch
