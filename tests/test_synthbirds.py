@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from fgvc.config import SynthBirdsConfig
 from fgvc.data import synthbirds
 from fgvc.data.synthbirds import CLASS_FACTORS, SynthBirdsSpec, generate
 
@@ -147,8 +148,11 @@ def colour_features(images: list[np.ndarray]) -> np.ndarray:
     return np.array(features)
 
 
-def test_global_colour_statistics_score_near_chance(tmp_path: Path) -> None:
-    spec = SynthBirdsSpec(num_classes=10, images_per_class=60, train_fraction=0.5, image_size=64, seed=5)
+@pytest.mark.parametrize("difficulty", [SynthBirdsSpec.difficulty, SynthBirdsConfig.difficulty],
+                         ids=["generator default", "quick-start preset"])
+def test_global_colour_statistics_score_near_chance(tmp_path: Path, difficulty: float) -> None:
+    spec = SynthBirdsSpec(num_classes=10, images_per_class=60, train_fraction=0.5, image_size=64, difficulty=difficulty,
+                          seed=5)
     generate(tmp_path / "birds", spec)
     tree = parse_tree(tmp_path / "birds")
     ids = sorted(tree["images"])
