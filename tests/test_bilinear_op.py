@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fgvc_kernels import SQRT_MODES, BilinearPool, bilinear_pool, bilinear_pool_naive
+from fgvc_kernels import bilinear as bilinear_module
 from fgvc_kernels.testing import saved_tensor_bytes
 
 CASES = [(mode, cross, center) for mode in SQRT_MODES for cross in (False, True) for center in (False, True)]
@@ -40,9 +41,13 @@ def test_gradcheck_options(normalize: bool, recompute: bool, tokens: bool) -> No
         lambda t: bilinear_pool(t, normalize=normalize, recompute=recompute, scale=0.3, eps=1e-6), (x,))
 
 
+# 400 bytes: the epilogues run sample by sample (self, 6 x 6 float64) or over blocks of two and one (cross, 6 x 4).
+@pytest.mark.parametrize("block_bytes", [None, 400], ids=["one block", "several blocks"])
 @pytest.mark.parametrize(("sqrt_mode", "cross", "center"), CASES)
-def test_matches_naive_composition_with_dead_channel_and_zero_sample(sqrt_mode: str, cross: bool,
-                                                                     center: bool) -> None:
+def test_matches_naive_composition_with_dead_channel_and_zero_sample(sqrt_mode: str, cross: bool, center: bool,
+                                                                     block_bytes: int | None, monkeypatch) -> None:
+    if block_bytes is not None:
+        monkeypatch.setattr(bilinear_module, "EPILOGUE_BLOCK_BYTES", block_bytes)
     x = features(3, 6, 5, 3).detach()
     x[0, 2] = 0.0  # a dead channel: its row and column of X X^T are exactly zero
     x[1] = 0.0  # an all-zero sample: the 1e-12 clamp must keep it finite
