@@ -198,9 +198,9 @@ class Mixer:
                source_box: Box | None) -> torch.Tensor:
         """Parts of the dominant image as they now appear: a's outside the pasted box; the partner's inside it
         (moved with the paste); blending (no box) hides nothing."""
-        own, partner = parts.clone(), parts.flip(0).clone()
-        if covered_box is not None:
-            own[..., 2] *= (~covered(own[..., :2], covered_box)).float()
+        own, partner = parts, parts.flip(0).clone()
+        if covered_box is not None:  # a hidden part is (0, 0, 0), as in CUB's files and fgvc.data.transforms
+            own = torch.where(covered(own[..., :2], covered_box)[..., None], torch.zeros_like(own), own)
             inside = covered(partner[..., :2], source_box) & (partner[..., 2] > 0)
             partner[..., :2] = moved_into(partner[..., :2], source_box, covered_box)
             partner = torch.where(inside[..., None], partner, torch.zeros_like(partner))

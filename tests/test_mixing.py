@@ -100,7 +100,8 @@ def test_cutmix_covers_parts_and_keeps_the_dominant_label() -> None:
     out = Mixer(RegularizationConfig(cutmix_alpha=1.0), K, 0)._mixed(
         {"image": images, "label": labels, "parts": parts}, mixed, lam, 1 - lam, covered_box=box, source_box=box)
     assert out["label"].tolist() == [1, 3]
-    assert out["parts"][0, :, 2].tolist() == [1.0, 0.0, 0.0]  # (10, 10) lies under the pasted quarter
+    # (10, 10) lies under the pasted quarter: hidden, written as CUB writes hidden parts.
+    assert out["parts"][0].tolist() == [[2.0, 2.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     assert out["parts"][1, :, 2].tolist() == [1.0, 1.0, 0.0]
     # When the paste dominates, the partner's parts inside the box are the ones that stay visible.
     big = (0, 16, 4, 16)  # 75% of the image: lam = 0.25
