@@ -75,6 +75,9 @@ class WSDANConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "test_resnet"  # any timm model name; the default is timm's smallest ResNet, for the CPU
+    # Keyword arguments for timm.create_model (timm's --model-kwargs), e.g. {stem_width: 8} or {channels: [...]}:
+    # they change the architecture, so a pretrained checkpoint must have been made with the same ones.
+    backbone_args: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False  # timm/Hugging Face hub weights (needs the network)
     pretrained_file: Optional[str] = None  # local weights (safetensors or a state dict), works offline
     # Pool an earlier stage instead of the final features: an index into timm's feature_info (for ResNets 3 is

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from fgvc import evaluate as evaluate_cli
 from fgvc import train as train_cli
-from fgvc.config import ModelConfig, load_config
+from fgvc.config import ModelConfig, load_config, to_yaml
 from fgvc.data.synthbirds import SynthBirdsSpec, generate
 from fgvc.engine import trainer
 from fgvc.engine.checkpoint import load_checkpoint
@@ -175,6 +175,22 @@ def test_offline_pretrained_file_loads_exactly_its_weights(tmp_path: Path, suffi
         assert torch.equal(value, state[key]), key
     with pytest.raises(FileNotFoundError, match="does not exist"):
         create_backbone(ModelConfig(backbone="test_resnet", pretrained_file=str(tmp_path / "missing.pth")))
+
+
+def test_backbone_args_reach_timm_and_survive_the_saved_config(tmp_path: Path) -> None:
+    cfg = load_config(None, ["model.backbone_args.stem_width=8", "model.backbone_args.channels=[16,24,24,40]"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert load_config(saved).model.backbone_args == {"stem_width": 8, "channels": [16, 24, 24, 40]}
+    built = create_backbone(cfg.model).model
+    reference = timm.create_model("test_resnet", num_classes=0, stem_width=8, channels=(16, 24, 24, 40))
+    shapes = {name: tensor.shape for name, tensor in built.state_dict().items()}
+    assert shapes == {name: tensor.shape for name, tensor in reference.state_dict().items()}
+    assert built.num_features == 40
+    with pytest.raises(ValueError, match="backbone_args.num_classes is set by the head"):
+        create_backbone(ModelConfig(backbone_args={"num_classes": 5}))
+    with pytest.raises(ValueError, match="do not fit test_resnet.*no_such_argument"):
+        create_backbone(ModelConfig(backbone_args={"no_such_argument": 1}))
 
 
 def test_parameter_groups_and_schedule() -> None:

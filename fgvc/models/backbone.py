@@ -39,9 +39,18 @@ class Backbone(nn.Module):
         return features
 
 
+# timm.create_model arguments that fgvc sets from its own config keys; model.backbone_args may not override them.
+MANAGED_ARGS = {"num_classes": "the head", "features_only": "model.feature_stage", "out_indices": "model.feature_stage",
+                "pretrained": "model.pretrained", "pretrained_cfg_overlay": "model.pretrained_file",
+                "drop_path_rate": "model.drop_path_rate"}
+
+
 def create_backbone(cfg: ModelConfig) -> Backbone:
     """timm.create_model without a classifier; weights from the hub (`pretrained`) or a local file, offline."""
-    kwargs: dict = {"num_classes": 0}
+    for name in cfg.backbone_args:
+        if name in MANAGED_ARGS:
+            raise ValueError(f"model.backbone_args.{name} is set by {MANAGED_ARGS[name]}; use that instead")
+    kwargs: dict = {**cfg.backbone_args, "num_classes": 0}
     if cfg.feature_stage is not None:  # timm builds the network only up to that stage
         kwargs.update(features_only=True, out_indices=(cfg.feature_stage,))
     if cfg.drop_path_rate > 0:
@@ -57,6 +66,8 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
         kwargs["pretrained"] = True
     try:
         model = timm.create_model(cfg.backbone, **kwargs)
+    except TypeError as error:  # an argument the architecture does not take
+        raise ValueError(f"model.backbone_args {cfg.backbone_args} do not fit {cfg.backbone}: {error}") from None
     except RuntimeError as error:
         if "Unknown model" in str(error):
             close = timm.list_models(f"*{cfg.backbone.split('_')[0]}*")[:8]
