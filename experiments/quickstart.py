@@ -59,7 +59,8 @@ def main() -> None:
         *header(f"`{command}` from an empty cache"),
         f"Preset: synthbirds {cfg.data.synthbirds.num_classes} classes x {cfg.data.synthbirds.images_per_class} "
         f"images ({cfg.data.synthbirds.image_size} px, difficulty {cfg.data.synthbirds.difficulty}), "
-        f"{cfg.model.backbone} + {cfg.model.head} head at {cfg.data.image_size} px, {cfg.schedule.epochs} epochs, "
+        f"{cfg.model.backbone} (output stride {cfg.model.output_stride or 'its own'}) + {cfg.model.head} head at "
+        f"{cfg.data.image_size} px, {cfg.schedule.epochs} epochs, "
         f"{cfg.optim.name} lr {cfg.optim.lr}.",
         "",
         "| run | wall time (s) | val top-1 (selected) | test top-1 | test per-class | selected epoch "

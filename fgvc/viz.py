@@ -87,8 +87,9 @@ def attention_figure(image: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], 
         ax.set_title(textwrap.fill(name, 30), fontsize=7)
     figure.colorbar(ScalarMappable(norm=norm, cmap=COLOR_MAP), ax=list(axes.flat), fraction=0.03, pad=0.01,
                     label="map value", shrink=0.9)
-    ranked = "   ".join(f"{rank}. {name} {100 * p:.1f}%" for rank, (name, p) in enumerate(predictions, start=1))
-    lines = [textwrap.fill(line, round(width * 13)) for line in (title, ranked) if line]
+    # One line per prediction, so that wrapping never parts a rank from its class name.
+    ranked = [f"{rank}. {name} {100 * p:.1f}%" for rank, (name, p) in enumerate(predictions, start=1)]
+    lines = [textwrap.fill(line, round(width * 13)) for line in (title, *ranked) if line]
     if lines:
         figure.suptitle("\n".join(lines), fontsize=8)
     return figure

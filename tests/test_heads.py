@@ -26,7 +26,12 @@ HEAD_NAMES = ["linear", "bilinear", "isqrt", "wsdan"]
 
 def head_config(name: str, backbone: str = "test_resnet") -> ModelConfig:
     return ModelConfig(backbone=backbone, head=name, head_dim=8 if name in ("bilinear", "isqrt") else None,
-                       num_attention_maps=4)
+                       num_attention_maps=4, output_stride=stride_for(backbone))
+
+
+def stride_for(backbone: str) -> int | None:
+    """The default output stride for CNNs; ViTs have none to set."""
+    return None if backbone == "test_vit" else ModelConfig().output_stride
 
 
 def features(*shape: int, seed: int = 0) -> torch.Tensor:

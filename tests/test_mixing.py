@@ -182,7 +182,8 @@ def test_covered_uses_pixel_extents() -> None:
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
 def test_stochastic_depth_and_dropout_act_only_in_training(backbone: str) -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=backbone, head="linear", drop_rate=0.5, drop_path_rate=0.5), K)
+    model = build_model(ModelConfig(backbone=backbone, head="linear", drop_rate=0.5, drop_path_rate=0.5,
+                                    output_stride=None if backbone == "test_vit" else ModelConfig().output_stride), K)
     size = 32 if backbone == "test_resnet" else 160
     images = torch.rand(8, 3, size, size)  # 8 samples: the chance that two passes draw the same masks is nil
     for module in model.modules():  # timm zero-initializes each residual branch's last norm: un-zero it

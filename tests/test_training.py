@@ -177,6 +177,21 @@ def test_offline_pretrained_file_loads_exactly_its_weights(tmp_path: Path, suffi
         create_backbone(ModelConfig(backbone="test_resnet", pretrained_file=str(tmp_path / "missing.pth")))
 
 
+def test_output_stride_dilates_instead_of_downsampling() -> None:
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 96, 96)
+    default = create_backbone(ModelConfig(backbone="test_resnet"))  # the quick start's stride 16
+    native = create_backbone(ModelConfig(backbone="test_resnet", output_stride=None))
+    assert default(images).shape == (2, 96, 6, 6) and native(images).shape == (2, 96, 3, 3)
+    # The same weights, so the same architecture up to the strides and dilations.
+    assert {k: v.shape for k, v in default.state_dict().items()} == {k: v.shape for k, v in native.state_dict().items()}
+    for backbone in ("test_vit", "vgg11"):  # ViT takes no output_stride; timm's VGG asserts it is 32
+        with pytest.raises(ValueError, match=f"{backbone} does not take model.output_stride=16.*output_stride=null"):
+            create_backbone(ModelConfig(backbone=backbone))
+    with pytest.raises(ValueError, match="backbone_args.output_stride is set by model.output_stride"):
+        create_backbone(ModelConfig(backbone_args={"output_stride": 8}))
+
+
 def test_backbone_args_reach_timm_and_survive_the_saved_config(tmp_path: Path) -> None:
     cfg = load_config(None, ["model.backbone_args.stem_width=8", "model.backbone_args.channels=[16,24,24,40]"])
     saved = tmp_path / "config.yaml"
@@ -189,7 +204,7 @@ def test_backbone_args_reach_timm_and_survive_the_saved_config(tmp_path: Path) -
     assert built.num_features == 40
     with pytest.raises(ValueError, match="backbone_args.num_classes is set by the head"):
         create_backbone(ModelConfig(backbone_args={"num_classes": 5}))
-    with pytest.raises(ValueError, match="do not fit test_resnet.*no_such_argument"):
+    with pytest.raises(ValueError, match="test_resnet does not take.*no_such_argument"):
         create_backbone(ModelConfig(backbone_args={"no_such_argument": 1}))
 
 
@@ -209,21 +224,22 @@ def test_parameter_groups_and_schedule() -> None:
 
 
 def test_vit_tokens_become_a_feature_map() -> None:
-    backbone = create_backbone(ModelConfig(backbone="test_vit"))
+    backbone = create_backbone(ModelConfig(backbone="test_vit", output_stride=None))
     features = backbone(torch.randn(2, 3, 160, 160))
     assert features.shape[:2] == (2, backbone.num_features) and features.shape[2] == features.shape[3]
 
 
-@pytest.mark.parametrize(("backbone", "stage", "size", "expected"), [("test_resnet", 3, 96, (192, 6, 6)),
-                                                                     ("test_vit", 1, 160, (64, 10, 10))])
-def test_an_earlier_feature_stage_is_pooled_and_later_ones_not_built(backbone: str, stage: int, size: int,
-                                                                     expected: tuple) -> None:
+@pytest.mark.parametrize(("backbone", "stride", "stage", "size", "expected"),
+                         [("test_resnet", None, 3, 96, (192, 6, 6)), ("test_vit", None, 1, 160, (64, 10, 10))])
+def test_an_earlier_feature_stage_is_pooled_and_later_ones_not_built(backbone: str, stride: int | None, stage: int,
+                                                                     size: int, expected: tuple) -> None:
     torch.manual_seed(0)
-    early = create_backbone(ModelConfig(backbone=backbone, feature_stage=stage))
+    early = create_backbone(ModelConfig(backbone=backbone, feature_stage=stage, output_stride=stride))
     assert early(torch.randn(2, 3, size, size)).shape == (2, *expected) and early.num_features == expected[0]
-    full = create_backbone(ModelConfig(backbone=backbone))
+    full = create_backbone(ModelConfig(backbone=backbone, output_stride=stride))
     assert sum(p.numel() for p in early.parameters()) < sum(p.numel() for p in full.parameters())
-    model = build_model(ModelConfig(backbone=backbone, feature_stage=stage, head="isqrt", head_dim=8), 3)
+    model = build_model(ModelConfig(backbone=backbone, feature_stage=stage, head="isqrt", head_dim=8,
+                                    output_stride=stride), 3)
     assert model(torch.randn(2, 3, size, size))["logits"].shape == (2, 3)
 
 

@@ -42,7 +42,7 @@ class Backbone(nn.Module):
 # timm.create_model arguments that fgvc sets from its own config keys; model.backbone_args may not override them.
 MANAGED_ARGS = {"num_classes": "the head", "features_only": "model.feature_stage", "out_indices": "model.feature_stage",
                 "pretrained": "model.pretrained", "pretrained_cfg_overlay": "model.pretrained_file",
-                "drop_path_rate": "model.drop_path_rate"}
+                "drop_path_rate": "model.drop_path_rate", "output_stride": "model.output_stride"}
 
 
 def create_backbone(cfg: ModelConfig) -> Backbone:
@@ -55,6 +55,8 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
         kwargs.update(features_only=True, out_indices=(cfg.feature_stage,))
     if cfg.drop_path_rate > 0:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.output_stride is not None:
+        kwargs["output_stride"] = cfg.output_stride
     if cfg.pretrained_file is not None:
         path = Path(cfg.pretrained_file).expanduser()
         if not path.is_file():
@@ -66,8 +68,12 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
         kwargs["pretrained"] = True
     try:
         model = timm.create_model(cfg.backbone, **kwargs)
-    except TypeError as error:  # an argument the architecture does not take
-        raise ValueError(f"model.backbone_args {cfg.backbone_args} do not fit {cfg.backbone}: {error}") from None
+    except (TypeError, AssertionError) as error:  # an argument the architecture does not take (VGG asserts)
+        if cfg.output_stride is None and not cfg.backbone_args:
+            raise
+        raise ValueError(f"{cfg.backbone} does not take model.output_stride={cfg.output_stride} or model.backbone_args="
+                         f"{cfg.backbone_args} ({error or 'refused by an assertion'}); ViT-style backbones, VGG and "
+                         "Inception need model.output_stride=null") from None
     except RuntimeError as error:
         if "Unknown model" in str(error):
             close = timm.list_models(f"*{cfg.backbone.split('_')[0]}*")[:8]
