@@ -244,8 +244,14 @@ def _merge(base: Any, update: Any, source: str) -> Any:
         raise ConfigError(f"{source}: bad value for {error.full_key!r}: {message}") from None
 
 
+# Keys added to the schema after runs had been saved, with the value that rebuilds what such a run trained. A saved
+# config is complete, so a key it lacks means the run predates the key, not that it wants today's default: an older
+# checkpoint rebuilt at the new default output stride would load its weights without complaint and predict wrongly.
+KEYS_ADDED_LATER = {"model.output_stride": None}
+
+
 def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (what a run saves; load_config reads it back unchanged)."""
+    """The resolved config as YAML (what a run saves; load_run_config reads it back unchanged)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
@@ -253,6 +259,17 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def from_dict(values: dict[str, Any]) -> Config:
-    """A Config from a plain dict, such as the one stored in a checkpoint; validated against the schema."""
-    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(values), "stored config"))
+def from_dict(values: dict[str, Any], source: str = "stored config") -> Config:
+    """A Config from a saved run's plain dict (a checkpoint's, or its config.yaml); validated against the schema."""
+    values = OmegaConf.create(values)
+    for key, value in KEYS_ADDED_LATER.items():
+        section, name = key.rsplit(".", 1)
+        saved = OmegaConf.select(values, section)
+        if saved is None or name not in saved:
+            OmegaConf.update(values, key, value, force_add=True)
+    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), values, source))
+
+
+def load_run_config(path: str | Path) -> Config:
+    """The resolved config a run saved (config.yaml), as from_dict reads a checkpoint's."""
+    return from_dict(_read_yaml(Path(path)), f"run config {path}")

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fgvc.config import FLAG_KEYS, ConfigError, default_recipe, load_config
+from fgvc.config import FLAG_KEYS, ConfigError, default_recipe, load_config, load_run_config
 from fgvc.data.annotations import AnnotationError
 from fgvc.data.download import DownloadError
 from fgvc.data.loader import TooManyUnreadableImages
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume:
             if args.config or args.overrides or any(v is not None for v in flags.values()):
                 raise ConfigError("--resume continues a run with its saved config; it takes no other options")
-            result = train(load_config(Path(args.resume) / CONFIG_FILE), resume_dir=args.resume)
+            result = train(load_run_config(Path(args.resume) / CONFIG_FILE), resume_dir=args.resume)
         else:
             recipe = args.config or default_recipe(args.dataset)
             if recipe is not None and args.config is None:

@@ -14,6 +14,7 @@ from fgvc.config import (
     default_recipe,
     from_dict,
     load_config,
+    load_run_config,
     to_dict,
     to_yaml,
     valid_keys,
@@ -62,7 +63,26 @@ def test_yaml_and_dict_round_trip(tmp_path: Path) -> None:
     saved = tmp_path / "config.yaml"
     saved.write_text(to_yaml(cfg))
     assert load_config(saved) == cfg
+    assert load_run_config(saved) == cfg
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_a_run_saved_before_a_key_existed_rebuilds_what_it_trained(tmp_path: Path) -> None:
+    """A run saved before model.output_stride existed trained at the architecture's own stride: its checkpoint and
+    config.yaml must not be rebuilt at today's default of 16 (the weights would load, the predictions be wrong)."""
+    cfg = load_config()
+    assert cfg.model.output_stride == 16
+    old = to_dict(cfg)
+    del old["model"]["output_stride"]
+    assert from_dict(old).model.output_stride is None
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg).replace("  output_stride: 16\n", ""))
+    assert "output_stride" not in saved.read_text()
+    assert load_run_config(saved).model.output_stride is None
+    assert load_run_config(saved) == from_dict(old)
+    # Saved after the key existed: kept as saved, whichever value it has.
+    assert from_dict(to_dict(cfg)).model.output_stride == 16
+    assert from_dict({**old, "model": {**old["model"], "output_stride": 8}}).model.output_stride == 8
 
 
 def test_design_key_names_exist() -> None:

@@ -71,9 +71,10 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
     except (TypeError, AssertionError) as error:  # an argument the architecture does not take (VGG asserts)
         if cfg.output_stride is None and not cfg.backbone_args:
             raise
+        reason = str(error) or "refused by an assertion"
         raise ValueError(f"{cfg.backbone} does not take model.output_stride={cfg.output_stride} or model.backbone_args="
-                         f"{cfg.backbone_args} ({error or 'refused by an assertion'}); ViT-style backbones, VGG and "
-                         "Inception need model.output_stride=null") from None
+                         f"{cfg.backbone_args} ({reason}); ViT-style backbones, VGG and Inception need "
+                         "model.output_stride=null") from None
     except RuntimeError as error:
         if "Unknown model" in str(error):
             close = timm.list_models(f"*{cfg.backbone.split('_')[0]}*")[:8]
