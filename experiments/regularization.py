@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import emit, header, mean_spread  # noqa: E402
+from report import emit, finished, header, mean_spread  # noqa: E402
 
 from fgvc.config import load_config  # noqa: E402
 from fgvc.engine import trainer  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
                 cfg = load_config(None, [*BASE, *VARIANTS[variant], f"train.seed={seed}", f"output_dir={output}",
                                          f"run_name={seed}"])
                 start = time.perf_counter()
-                accuracies.append(trainer.train(cfg).test["top1"])
+                accuracies.append(finished(trainer.train(cfg)).test["top1"])
                 seconds.append(time.perf_counter() - start)
             print(f"{variant} seed {seed}: {accuracies[-1]:.1f}% in {seconds[-1]:.0f} s", flush=True)
         rows.append(f"| {variant} | {mean_spread(accuracies)} | {statistics.mean(seconds):.0f} | "

@@ -6,8 +6,12 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # the op's benchmark uses this module too, without fgvc
+    from fgvc.engine.trainer import RunResult
 
 
 def header(title: str) -> list[str]:
@@ -27,3 +31,11 @@ def mean_spread(values: list[float]) -> str:
     """"mean ± sample standard deviation" (± 0.0 for a single value), one decimal."""
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def finished(result: RunResult) -> RunResult:
+    """The run's result if it ran to the end. fgvc.engine.trainer.train treats SIGINT and SIGTERM as an interruption:
+    it checkpoints and returns early, so a script that trains many runs must stop there rather than start the next."""
+    if not result.completed:
+        raise SystemExit(f"interrupted in {result.run_dir}; no table written")
+    return result

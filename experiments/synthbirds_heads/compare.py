@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from report import emit, header, mean_spread  # noqa: E402
+from report import emit, finished, header, mean_spread  # noqa: E402
 from train_throughput import fgvc_rate, make_batches  # noqa: E402
 
 from fgvc.config import load_config  # noqa: E402
@@ -62,7 +62,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as output:
                 overrides = [*COMMON, f"model.head={head}", *HEADS[head], f"schedule.epochs={epochs}",
                              f"train.seed={seed}", f"output_dir={output}", f"run_name={head}-{seed}"]
-                results.append(trainer.train(load_config(None, overrides)).test)
+                results.append(finished(trainer.train(load_config(None, overrides))).test)
         rows.append(f"| {head} | {speed:.0f} | {epochs} | "
                     + " | ".join(mean_spread([r[key] for r in results])
                                  for key in ("top1", "peak_in_box", "peak_on_part")) + " |")
@@ -71,7 +71,8 @@ def main() -> None:
         *header("Heads on synthbirds: one backbone, one training-time budget"),
         f"Data: the quick-start synthbirds ({base.data.synthbirds.num_classes} classes x "
         f"{base.data.synthbirds.images_per_class} images, {train_images} training images), "
-        f"{base.model.backbone} from scratch at {base.data.image_size} px, batch {base.data.batch_size}, "
+        f"{base.model.backbone} (output stride {base.model.output_stride or 'its own'}) from scratch at "
+        f"{base.data.image_size} px, batch {base.data.batch_size}, "
         f"{base.optim.name} lr {base.optim.lr}. Budget: {args.budget:.0f} s of training per run at each head's "
         f"measured speed. Seeds {', '.join(map(str, args.seeds))} (training seed; same data). "
         "Mean ± standard deviation over seeds.",
