@@ -16,7 +16,7 @@ from fgvc.config import ModelConfig, load_config, to_yaml
 from fgvc.data.synthbirds import SynthBirdsSpec, generate
 from fgvc.engine import trainer
 from fgvc.engine.checkpoint import load_checkpoint
-from fgvc.engine.optim import build_optimizer, warmup_cosine
+from fgvc.engine.optim import build_optimizer, parameter_groups, warmup_cosine
 from fgvc.models import FGVCModel, build_model
 from fgvc.models.backbone import create_backbone
 from fgvc.models.heads import LinearHead
@@ -222,6 +222,32 @@ def test_parameter_groups_and_schedule() -> None:
     assert schedule[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert schedule[4] == pytest.approx(1.0) and schedule[-1] > 0.1 and schedule[-1] < 0.15
     assert all(a >= b for a, b in zip(schedule[4:], schedule[5:], strict=False))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_optimizer_steps_like_the_plain_one(name: str) -> None:
+    """On the CPU the optimizer uses torch's fused kernel; given the same gradients, three of its steps match the
+    plain for-loop implementation (same gradients, because Adam turns rounding-level gradient differences on
+    near-zero elements into lr-sized steps)."""
+    cfg = load_config(None, [f"optim.name={name}", "optim.lr=0.05", "optim.weight_decay=0.01"]).optim
+    models = [build_model(ModelConfig(backbone="test_resnet"), num_classes=5) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], cfg)
+    assert fused.defaults["fused"]
+    plain_class = torch.optim.AdamW if name == "adamw" else torch.optim.SGD
+    plain_options = {} if name == "adamw" else {"momentum": cfg.momentum}
+    plain = plain_class(parameter_groups(models[1], cfg), lr=cfg.lr, foreach=False, **plain_options)
+    initial_fc = models[0].head.fc.weight.detach().clone()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for fused_param, plain_param in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            fused_param.grad = torch.randn(fused_param.shape, generator=generator)
+            plain_param.grad = fused_param.grad.clone()
+        fused.step()
+        plain.step()
+    for fused_param, plain_param in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(fused_param, plain_param, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(models[0].head.fc.weight, initial_fc)  # the steps did move the weights
 
 
 def test_vit_tokens_become_a_feature_map() -> None:
