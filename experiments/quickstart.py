@@ -1,7 +1,6 @@
 """The quick start as a new user runs it: `python -m fgvc.train` with no arguments, from an empty data cache.
 
-    python experiments/quickstart.py --out experiments/results/quickstart.md
-    python experiments/quickstart.py --seeds 0 1 2 --out ...   # one run per training seed, and their mean
+    python experiments/quickstart.py --seeds 0 1 2 --out experiments/results/quickstart.md  # one run per seed
     python experiments/quickstart.py data.synthbirds.difficulty=0.0 --out ...   # a variant: key=value overrides
 
 Wall time covers everything the command does: start-up, generating synthbirds, training, validation after every
