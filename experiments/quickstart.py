@@ -26,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from fgvc.config import load_config
+from fgvc.config import QUICK_START, load_config
 from fgvc.data.cub import CUBDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,7 +56,7 @@ def main() -> None:
             if colour is None:  # the data do not depend on the training seed
                 colour = colour_statistics_top1(next(Path(scratch, "cache").glob("synthbirds-*")))
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or QUICK_START, args.overrides)
     command = " ".join(["python -m fgvc.train", *(["--config", args.config] if args.config else []), *args.overrides])
     columns = [("val top-1 (selected)", lambda r: r["val"]["top1"]), ("test top-1", lambda r: r["test"]["top1"]),
                ("test per-class", lambda r: r["test"]["per_class_accuracy"]),

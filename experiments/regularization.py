@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, finished, header, mean_spread  # noqa: E402
 
-from fgvc.config import load_config  # noqa: E402
+from fgvc.config import QUICK_START, load_config  # noqa: E402
 from fgvc.engine import trainer  # noqa: E402
 
 VARIANTS = {
@@ -45,7 +45,7 @@ def main() -> None:
         accuracies, seconds = [], []
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as output:
-                cfg = load_config(None, [*BASE, *VARIANTS[variant], f"train.seed={seed}", f"output_dir={output}",
+                cfg = load_config(QUICK_START, [*BASE, *VARIANTS[variant], f"train.seed={seed}", f"output_dir={output}",
                                          f"run_name={seed}"])
                 start = time.perf_counter()
                 accuracies.append(finished(trainer.train(cfg)).test["top1"])
@@ -54,7 +54,7 @@ def main() -> None:
         rows.append(f"| {variant} | {mean_spread(accuracies)} | {statistics.mean(seconds):.0f} | "
                     + ", ".join(f"{a:.1f}" for a in accuracies) + " |")
 
-    base = load_config(None, BASE)
+    base = load_config(QUICK_START, BASE)
     lines = [
         *header("Regularization on synthbirds: one preset, one regularizer at a time"),
         f"Preset: the quick start ({base.data.synthbirds.num_classes} classes x {base.data.synthbirds.images_per_class}"

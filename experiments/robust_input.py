@@ -37,7 +37,7 @@ def plain_pil(path) -> np.ndarray:
 def loader_rate(dataset: CUBDataset, image_size: int, batch_size: int, workers: int) -> float:
     transform = PartAwareTransform(train_transform(image_size), dataset.part_names)
     loader = build_loader(dataset, transform, batch_size=batch_size, seed=0, train=True, workers=workers)
-    loader.sampler.set_epoch(0)
+    loader.set_epoch(0)
     start = time.perf_counter()
     images = sum(len(batch["label"]) for batch in loader)
     return images / (time.perf_counter() - start)

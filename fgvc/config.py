@@ -1,9 +1,15 @@
-"""The run configuration: nested dataclasses are the schema; YAML files and `key=value` overrides merge onto it.
+"""The run configuration: nested dataclasses are the schema; recipes (YAML) and `key=value` overrides merge onto it.
 
-    cfg = load_config("configs/synthbirds/linear_test_resnet_long.yaml", ["optim.lr=0.01", "schedule.epochs=20"])
+    cfg = load_config("configs/cub200/isqrt_resnet50.yaml", ["optim.lr=0.01", "schedule.epochs=20"])
+    cfg = load_config("synthbirds/quickstart", ["schedule.epochs=1"])    # a recipe under configs/, by name
 
-Unknown keys fail with the nearest valid name, wrong types fail naming the key, and the resolved config is what a
-run saves beside its checkpoints (DINOv2's "defaults + overrides, save the resolved config").
+The schema's defaults are a neutral, general recipe: a ResNet-50 with a linear head at 224 px, trained with AdamW,
+a cosine schedule and label smoothing. Everything a particular setting needs beyond that is a recipe of its own
+under configs/ -- the quick start (configs/synthbirds/quickstart.yaml) as much as the published FGVC methods. A
+recipe may start from others (`base: file.yaml`, or a list merged in order, paths relative to the recipe), so
+recipes hold only what differs. Unknown keys fail with the nearest valid name, wrong types fail naming the key and
+the file, and the resolved config is what a run saves beside its checkpoints (DINOv2's "defaults + overrides, save
+the resolved config").
 """
 
 from __future__ import annotations
@@ -18,19 +24,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from fgvc.data.synthbirds import SynthBirdsSpec
+from fgvc.errors import FGVCError
+
 # OmegaConf reads the annotations at run time, so they use typing.Optional rather than `X | None`.
-
-
-@dataclass
-class SynthBirdsConfig:
-    """How the synthbirds dataset is generated when data.dataset is "synthbirds" (see fgvc.data.synthbirds)."""
-
-    num_classes: int = 10
-    images_per_class: int = 300
-    train_fraction: float = 0.8
-    image_size: int = 112
-    difficulty: float = 0.2
-    seed: int = 0
 
 
 @dataclass
@@ -44,18 +41,23 @@ class DataConfig:
     # Unreadable images are reported and left out of their batch; the run stops once more than this fraction of a
     # split's images have failed (0: at the first one). `python -m fgvc.data.check` lists them all up front.
     max_bad_fraction: float = 0.001
-    image_size: int = 96
+    image_size: int = 224
     resize_size: Optional[int] = None  # default: image_size / 0.875
     crop: str = "resize_crop"  # resize, then random crop (the FGVC recipe); or "random_resized"
     crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
     hflip: float = 0.5
     color_jitter: float = 0.2
-    batch_size: int = 16  # the quick start learns faster per image at 16 than at 32 (measured)
+    # Normalization and resampling. null: what pretrained weights expect (timm's pretrained_cfg: many ViTs use
+    # 0.5 / 0.5 and bicubic), ImageNet's statistics and bilinear without them. A run saves the values it used.
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    interpolation: Optional[str] = None  # nearest, bilinear, bicubic, area, lanczos
+    batch_size: int = 32
     eval_batch_size: Optional[int] = None  # default: 2 x batch_size
-    workers: int = 0  # the quick start: on 2 cores, loader processes slow the model's threads (140 vs 110 img/s)
+    workers: int = 4
     val_fraction: float = 0.1
     split_seed: int = 0
-    synthbirds: SynthBirdsConfig = field(default_factory=SynthBirdsConfig)
+    synthbirds: SynthBirdsSpec = field(default_factory=SynthBirdsSpec)
 
 
 @dataclass
@@ -74,13 +76,11 @@ class WSDANConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "test_resnet"  # any timm model name; the default is timm's smallest ResNet, for the CPU
+    backbone: str = "resnet50"  # any timm model name
     # Stride of the final feature map, for CNNs that take timm's output_stride (later stages dilated instead of
-    # downsampled). 16 is the quick start's: test_resnet then gives 6 x 6 features at 96 px instead of 3 x 3, so a
-    # bill or a tail has positions of its own (mean test top-1 over 3 seeds 71.9% against 63.9%, both with the
-    # multi-tensor AdamW). null: the architecture's own (32 for most CNNs); ViT-style backbones, VGG and Inception
-    # need null.
-    output_stride: Optional[int] = 16
+    # downsampled, so small parts keep positions of their own); a ViT accepts its patch stride. null: the
+    # architecture's own (32 for most CNNs).
+    output_stride: Optional[int] = None
     # Keyword arguments for timm.create_model (timm's --model-kwargs), e.g. {stem_width: 8} or {channels: [...]}:
     # they change the architecture, so a pretrained checkpoint must have been made with the same ones.
     backbone_args: dict[str, Any] = field(default_factory=dict)
@@ -89,12 +89,10 @@ class ModelConfig:
     # Pool an earlier stage instead of the final features: an index into timm's feature_info (for ResNets 3 is
     # stride 16, 4 the last stage). The layers after it are not built. null: the final features.
     feature_stage: Optional[int] = None
-    head: str = "isqrt"  # the quick start: the best test top-1 of the heads in one CPU budget (experiments/)
+    head: str = "linear"  # fgvc.list_heads(): linear, bilinear, isqrt, wsdan
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth, where the timm backbone supports it
-    # Channels after a 1x1 reduction before pooling; null: none (bilinear) or 256 (isqrt). 64 suits the quick start's
-    # 96-channel backbone; recipes set their own.
-    head_dim: Optional[int] = 64
+    head_dim: Optional[int] = None  # channels after a 1x1 reduction before pooling; null: none (bilinear), 256 (isqrt)
     num_attention_maps: int = 32  # WS-DAN's M
     isqrt_iterations: int = 5  # Newton-Schulz iterations of the iSQRT-COV head (the paper uses 3-5)
     wsdan: WSDANConfig = field(default_factory=WSDANConfig)
@@ -103,7 +101,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # "sgd" (momentum, nesterov off) or "adamw"
-    lr: float = 0.005
+    lr: float = 0.001
     weight_decay: float = 0.05  # never applied to norms and biases
     momentum: float = 0.9
     head_lr_mult: float = 1.0  # new layers at this multiple of the backbone's lr (10 with pretrained backbones)
@@ -111,8 +109,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 8
-    warmup_epochs: float = 1.0  # linear warmup, then cosine to min_lr; stepped every iteration
+    epochs: int = 100
+    warmup_epochs: float = 5.0  # linear warmup, then cosine to min_lr; stepped every iteration
     min_lr: float = 0.0
 
 
@@ -167,9 +165,10 @@ FLAG_KEYS = {
     "epochs": "schedule.epochs",
     "seed": "train.seed",
 }
+FLAGS = {key: "--" + name.replace("_", "-") for name, key in FLAG_KEYS.items()}  # key -> its flag
 
 
-class ConfigError(ValueError):
+class ConfigError(FGVCError, ValueError):
     """A config file or override that does not fit the schema; the message names the key (and the file)."""
 
 
@@ -185,29 +184,44 @@ def valid_keys(schema: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-# `--dataset NAME` without `--config` trains with the dataset's default recipe (configs/, beside the package).
+# Recipes ship beside the package, in the repository's configs/ folder.
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_RECIPES = {"cub200": "cub200/wsdan_inception_v3.yaml", "cars196": "cars196/wsdan_inception_v3.yaml",
-                   "aircraft100": "aircraft100/wsdan_inception_v3.yaml"}
+QUICK_START = "synthbirds/quickstart.yaml"
+# The recipe `python -m fgvc.train` uses without --config: the quick start with no --dataset (or synthbirds), and a
+# dataset's own recipe for the datasets that have one; other datasets start from the schema defaults.
+DEFAULT_RECIPES = {None: QUICK_START, "synthbirds": QUICK_START, "cub200": "cub200/wsdan_inception_v3.yaml",
+                   "cars196": "cars196/wsdan_inception_v3.yaml", "aircraft100": "aircraft100/wsdan_inception_v3.yaml"}
+BASE_KEY = "base"
 
 
 def default_recipe(dataset: str | None) -> Path | None:
-    """The recipe `--dataset` stands for, or None (synthbirds and datasets without one use the schema defaults)."""
-    if dataset not in DEFAULT_RECIPES:
-        return None
-    path = RECIPES_DIR / DEFAULT_RECIPES[dataset]
-    if not path.is_file():
-        raise ConfigError(f"the default recipe for {dataset} ({path}) is not installed; run from a checkout of the "
-                          "repository (pip install -e .) or pass --config")
-    return path
+    """The recipe `python -m fgvc.train [--dataset D]` stands for without --config, or None (the schema defaults)."""
+    return recipe_path(DEFAULT_RECIPES[dataset]) if dataset in DEFAULT_RECIPES else None
+
+
+def recipe_path(name: str | Path) -> Path:
+    """A recipe file: `name` itself when it exists, else the recipe of that name under configs/ ("cub200/isqrt_resnet50"
+    or with .yaml)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / path, RECIPES_DIR / path.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    if not RECIPES_DIR.is_dir():
+        raise ConfigError(f"config file {name} not found, and the recipes folder {RECIPES_DIR} is not installed "
+                          "(install fgvc from a checkout of the repository: pip install -e .)")
+    raise ConfigError(f"config file {name} not found (nor as a recipe under {RECIPES_DIR})")
 
 
 def load_config(config_file: str | Path | None = None, overrides: Sequence[str] = (),
                 flags: dict[str, Any] | None = None) -> Config:
-    """Schema defaults, then the YAML file, then flags, then `key=value` overrides (the last word wins)."""
+    """Schema defaults, then the recipe (its bases first), then flags, then `key=value` overrides (the last word
+    wins). `config_file` None: the schema defaults alone."""
     merged = OmegaConf.structured(Config)
     if config_file is not None:
-        merged = _merge(merged, _read_yaml(Path(config_file)), f"config file {config_file}")
+        for path, content in recipe_chain(recipe_path(config_file)):
+            merged = _merge(merged, content, f"config file {path}")
     for name, value in (flags or {}).items():
         if value is not None:
             merged = _merge(merged, OmegaConf.from_dotlist([f"{FLAG_KEYS[name]}={value}"]), f"flag --{name}")
@@ -215,7 +229,36 @@ def load_config(config_file: str | Path | None = None, overrides: Sequence[str] 
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
-    return OmegaConf.to_object(merged)
+    return _to_config(merged, "the resolved config")
+
+
+def model_config(settings: dict[str, Any], source: str) -> ModelConfig:
+    """A ModelConfig from model.* keys given as a (nested) dict, validated as a recipe's would be."""
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.create({"model": settings}), source)
+    return _to_config(merged, source).model
+
+
+def recipe_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, Any]]:
+    """(file, content without `base`) for a recipe and its bases, bases first, each base's own bases before it."""
+    path = path.resolve()
+    if path in seen:
+        cycle = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config file {path}: its bases lead back to it ({cycle})")
+    content = _read_yaml(path)
+    bases = content.pop(BASE_KEY, None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    elif not (OmegaConf.is_list(bases) and all(isinstance(base, str) for base in bases)):
+        raise ConfigError(f"config file {path}: {BASE_KEY} must be a file name or a list of them, got {bases}")
+    chain = []
+    for base in bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ConfigError(f"config file {path}: its base {base} ({base_path}) not found")
+        chain.extend(recipe_chain(base_path, (*seen, path)))
+    return [*chain, (path, content)]
 
 
 def _read_yaml(path: Path) -> Any:
@@ -245,10 +288,18 @@ def _merge(base: Any, update: Any, source: str) -> Any:
         raise ConfigError(f"{source}: bad value for {error.full_key!r}: {message}") from None
 
 
+def _to_config(merged: Any, source: str) -> Config:
+    try:
+        return OmegaConf.to_object(merged)
+    except FGVCError as error:  # a section's own validation (SynthBirdsSpec)
+        raise ConfigError(f"{source}: data.synthbirds: {error}") from None
+
+
 # Keys added to the schema after runs had been saved, with the value that rebuilds what such a run trained. A saved
 # config is complete, so a key it lacks means the run predates the key, not that it wants today's default: an older
-# checkpoint rebuilt at the new default output stride would load its weights without complaint and predict wrongly.
-KEYS_ADDED_LATER = {"model.output_stride": None}
+# checkpoint rebuilt at a new default would load its weights without complaint and predict wrongly.
+KEYS_ADDED_LATER = {"model.output_stride": None, "data.mean": [0.485, 0.456, 0.406],
+                    "data.std": [0.229, 0.224, 0.225], "data.interpolation": "bilinear"}
 
 
 def to_yaml(cfg: Config) -> str:
@@ -268,7 +319,7 @@ def from_dict(values: dict[str, Any], source: str = "stored config") -> Config:
         saved = OmegaConf.select(values, section)
         if saved is None or name not in saved:
             OmegaConf.update(values, key, value, force_add=True)
-    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), values, source))
+    return _to_config(_merge(OmegaConf.structured(Config), values, source), source)
 
 
 def load_run_config(path: str | Path) -> Config:

@@ -11,22 +11,21 @@ and with --save-probabilities the single-crop probabilities of every image (-pro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fgvc.data.annotations import AnnotationError
-from fgvc.data.cub import SPLITS
-from fgvc.data.loader import TooManyUnreadableImages
-from fgvc.engine.inference import TTA_KINDS, EvaluationReport, evaluate_checkpoint, write_confusion_csv
+from fgvc.data.splits import SPLITS
+from fgvc.engine.inference import SINGLE_CROP, TTA_KINDS, EvaluationReport, evaluate_checkpoint, write_confusion_csv
 from fgvc.engine.localization import localization_line
+from fgvc.engine.logging import dumps
 from fgvc.engine.tta import AVERAGES, DEFAULT_SCALES
+from fgvc.errors import command
 from fgvc.viz import confusion_figure, save_figure
 
 
 def format_report(report: EvaluationReport) -> str:
-    excluded = report.rows["single crop"].get("excluded_images", 0)
+    excluded = report.rows[SINGLE_CROP].get("excluded_images", 0)
     width = max(len(name) for name in report.rows) + 2
     lines = [f"{report.split}, {report.images} images" + (f" ({excluded} unreadable left out)" if excluded else ""),
              f"{'':{width}}{'top-1':>8}{'top-5':>8}{'per-class':>11}"]
@@ -35,7 +34,7 @@ def format_report(report: EvaluationReport) -> str:
                      f"{row['per_class_accuracy']:11.2f}")
     if len(report.rows) > 1:
         lines.append(f"(test-time augmentation averages {report.average}; the single-crop row is the headline figure)")
-    if localization := localization_line(report.rows["single crop"]):
+    if localization := localization_line(report.rows[SINGLE_CROP]):
         lines.append(localization)
     confused = report.to_json()["most_confused"][:5]
     if confused:
@@ -45,6 +44,7 @@ def format_report(report: EvaluationReport) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fgvc.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,25 +62,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write every image's single-crop class probabilities (JSON lines)")
     args = parser.parse_args(argv)
-    try:
-        report = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_dir,
-                                     device=args.device, batch_size=args.batch_size, tta=args.tta,
-                                     average=args.average, scales=args.scales,
-                                     keep_probabilities=args.save_probabilities)
-    except (AnnotationError, TooManyUnreadableImages, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    report = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_dir, device=args.device,
+                                 batch_size=args.batch_size, tta=args.tta, average=args.average, scales=args.scales,
+                                 keep_probabilities=args.save_probabilities)
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_name(f"{checkpoint.stem}-{args.split}.json")
     stem = output.with_suffix("")
-    output.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    output.write_text(dumps(report.to_json(), indent=2) + "\n")
     write_confusion_csv(report.confusion, report.classes, stem.with_name(f"{stem.name}-confusion.csv"))
     save_figure(confusion_figure(report.confusion, report.classes), stem.with_name(f"{stem.name}-confusion.png"))
     if args.save_probabilities:
         with open(stem.with_name(f"{stem.name}-probabilities.jsonl"), "w") as file:
             for index in sorted(report.probabilities):
-                file.write(json.dumps({"index": index, "path": report.image_paths[index],
-                                       "probabilities": report.probabilities[index].tolist()}) + "\n")
+                file.write(dumps({"index": index, "path": report.image_paths[index],
+                                  "probabilities": report.probabilities[index].tolist()}) + "\n")
     print(format_report(report))
     print(f"written to {output} (and the confusion matrix beside it)")
     return 0

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fgvc.errors import OptionError
+
 
 def smoothed_targets(labels: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
     """Target distributions: 1 - eps on the true class and eps / (K - 1) on each other class.
@@ -34,7 +36,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
     def __init__(self, eps: float = 0.0) -> None:
         super().__init__()
         if not 0 <= eps < 1:
-            raise ValueError(f"label smoothing must be in [0, 1), got {eps}")
+            raise OptionError("label_smoothing", f"must be in [0, 1), got {eps}")
         self.eps = eps
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fgvc.config import RegularizationConfig
+from fgvc.boxes import clip_boxes
 from fgvc.data.loader import derived_seed
+from fgvc.errors import OptionError
 
 MIXING_STREAM = 1  # keeps the mixing draws apart from the augmentation draws of the same (seed, epoch, index)
 
-Box = tuple[int, int, int, int]  # y0, y1, x0, x1: rows y0..y1-1 and columns x0..x1-1
+Box = tuple[int, int, int, int]  # fgvc.boxes with integer corners: x0, y0, x1, y1, so image[..., y0:y1, x0:x1]
 
 
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -46,8 +47,8 @@ def cutmix_box(height: int, width: int, lam: float, center: tuple[int, int]) -> 
     ratio = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * ratio), int(width * ratio)
     cy, cx = center
-    return (int(np.clip(cy - cut_h // 2, 0, height)), int(np.clip(cy + (cut_h + 1) // 2, 0, height)),
-            int(np.clip(cx - cut_w // 2, 0, width)), int(np.clip(cx + (cut_w + 1) // 2, 0, width)))
+    return (int(np.clip(cx - cut_w // 2, 0, width)), int(np.clip(cy - cut_h // 2, 0, height)),
+            int(np.clip(cx + (cut_w + 1) // 2, 0, width)), int(np.clip(cy + (cut_h + 1) // 2, 0, height)))
 
 
 def random_box(height: int, width: int, lam: float, rng: np.random.Generator) -> Box:
@@ -56,13 +57,13 @@ def random_box(height: int, width: int, lam: float, rng: np.random.Generator) ->
 
 
 def box_area(box: Box) -> int:
-    y0, y1, x0, x1 = box
-    return max(y1 - y0, 0) * max(x1 - x0, 0)
+    x0, y0, x1, y1 = box
+    return max(x1 - x0, 0) * max(y1 - y0, 0)
 
 
 def cutmix(images: torch.Tensor, box: Box) -> tuple[torch.Tensor, float]:
     """The partner's pixels pasted into `box`, and lam recomputed from the clipped box: 1 - box area / image area."""
-    y0, y1, x0, x1 = box
+    x0, y0, x1, y1 = box
     mixed = images.clone()
     mixed[:, :, y0:y1, x0:x1] = images.flip(0)[:, :, y0:y1, x0:x1]
     return mixed, 1.0 - box_area(box) / (images.shape[-2] * images.shape[-1])
@@ -79,7 +80,7 @@ def snapmix(images: torch.Tensor, cams: torch.Tensor, target_box: Box,
     if box_area(target_box) == 0 or box_area(source_box) == 0:
         ones = images.new_ones(len(images))
         return images, ones, torch.zeros_like(ones)
-    (ty0, ty1, tx0, tx1), (sy0, sy1, sx0, sx1) = target_box, source_box
+    (tx0, ty0, tx1, ty1), (sx0, sy0, sx1, sy1) = target_box, source_box
     mixed = images.clone()
     patch = images.flip(0)[:, :, sy0:sy1, sx0:sx1]
     mixed[:, :, ty0:ty1, tx0:tx1] = F.interpolate(patch, size=(ty1 - ty0, tx1 - tx0), mode="bilinear",
@@ -101,62 +102,57 @@ def normalized_cams(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def covered(points: torch.Tensor, box: Box) -> torch.Tensor:
     """Whether pixel-centre (x, y) points (... x 2) lie in the pixels of `box` (pixel k spans [k - 0.5, k + 0.5))."""
-    y0, y1, x0, x1 = box
+    x0, y0, x1, y1 = box
     x, y = points[..., 0], points[..., 1]
     return (x >= x0 - 0.5) & (x < x1 - 0.5) & (y >= y0 - 0.5) & (y < y1 - 0.5)
 
 
 def moved_into(points: torch.Tensor, source: Box, target: Box) -> torch.Tensor:
     """Pixel-centre points of `source` at their place after `source` is resized onto `target`."""
-    (sy0, sy1, sx0, sx1), (ty0, ty1, tx0, tx1) = source, target
+    (sx0, sy0, sx1, sy1), (tx0, ty0, tx1, ty1) = source, target
     x = tx0 - 0.5 + (points[..., 0] - sx0 + 0.5) * (tx1 - tx0) / (sx1 - sx0)
     y = ty0 - 0.5 + (points[..., 1] - sy0 + 0.5) * (ty1 - ty0) / (sy1 - sy0)
     return torch.stack([x, y], dim=-1)
 
 
-def box_of_points(box: torch.Tensor, region: Box) -> torch.Tensor:
-    """(x, y, w, h) boxes (B x 4) cut to a pixel region; all zeros where nothing is left."""
-    y0, y1, x0, x1 = region
-    low = torch.maximum(box[:, :2], box.new_tensor([x0, y0]))
-    high = torch.minimum(box[:, :2] + box[:, 2:], box.new_tensor([x1, y1]))
-    size = (high - low).clamp_min(0)
-    empty = (size == 0).any(dim=1, keepdim=True)
-    return torch.where(empty, torch.zeros_like(box), torch.cat([low, size], dim=1))
-
-
 class Mixer:
-    """The configured mixing, applied to one training batch: SnapMix with probability snapmix_prob, otherwise
-    Mixup or CutMix with probability mix_prob (CutMix with probability switch_prob when both are on)."""
+    """The mixing of one training batch: SnapMix with probability snapmix_prob, otherwise Mixup or CutMix with
+    probability mix_prob (CutMix with probability switch_prob when both are on). An alpha of 0 turns a method off;
+    each lam (SnapMix: each box's) is drawn from Beta(alpha, alpha)."""
 
-    def __init__(self, cfg: RegularizationConfig, num_classes: int, seed: int) -> None:
-        for name in ("mix_prob", "switch_prob", "snapmix_prob"):
-            if not 0 <= getattr(cfg, name) <= 1:
-                raise ValueError(f"regularization.{name} must be in [0, 1], got {getattr(cfg, name)}")
-        for name in ("mixup_alpha", "cutmix_alpha", "snapmix_alpha"):
-            if getattr(cfg, name) < 0:
-                raise ValueError(f"regularization.{name} must be >= 0, got {getattr(cfg, name)}")
-        if cfg.snapmix_prob > 0 and cfg.snapmix_alpha == 0:
-            raise ValueError("regularization.snapmix_prob > 0 needs regularization.snapmix_alpha > 0")
-        self.cfg, self.num_classes, self.seed = cfg, num_classes, seed
+    def __init__(self, num_classes: int, seed: int, *, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 mix_prob: float = 1.0, switch_prob: float = 0.5, snapmix_prob: float = 0.0,
+                 snapmix_alpha: float = 1.0) -> None:
+        for name, value in (("mix_prob", mix_prob), ("switch_prob", switch_prob), ("snapmix_prob", snapmix_prob)):
+            if not 0 <= value <= 1:
+                raise OptionError(name, f"must be in [0, 1], got {value}")
+        for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha),
+                            ("snapmix_alpha", snapmix_alpha)):
+            if value < 0:
+                raise OptionError(name, f"must be >= 0, got {value}")
+        if snapmix_prob > 0 and snapmix_alpha == 0:
+            raise OptionError("snapmix_prob", "> 0 needs `snapmix_alpha` > 0")
+        self.num_classes, self.seed = num_classes, seed
+        self.mixup_alpha, self.cutmix_alpha, self.mix_prob = mixup_alpha, cutmix_alpha, mix_prob
+        self.switch_prob, self.snapmix_prob, self.snapmix_alpha = switch_prob, snapmix_prob, snapmix_alpha
 
     @property
     def enabled(self) -> bool:
-        mixes = self.cfg.mix_prob > 0 and (self.cfg.mixup_alpha > 0 or self.cfg.cutmix_alpha > 0)
-        return mixes or self.cfg.snapmix_prob > 0
+        mixes = self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+        return mixes or self.snapmix_prob > 0
 
     def __call__(self, batch: dict, model, *, epoch: int, index: int) -> dict:
         """Mix batch `index` of `epoch`; its random draws depend on (seed, epoch, index) only."""
         return self.mix(batch, model, np.random.default_rng(derived_seed(self.seed, epoch, index, MIXING_STREAM)))
 
     def mix(self, batch: dict, model, rng: np.random.Generator) -> dict:
-        cfg = self.cfg
-        if cfg.snapmix_prob > 0 and rng.random() < cfg.snapmix_prob:
+        if self.snapmix_prob > 0 and rng.random() < self.snapmix_prob:
             return self.snapmix(batch, model, rng)
-        if not (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0) or rng.random() >= cfg.mix_prob:
+        if not (self.mixup_alpha > 0 or self.cutmix_alpha > 0) or rng.random() >= self.mix_prob:
             return {**batch, "target": one_hot(batch["label"], self.num_classes)}
-        use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or rng.random() < cfg.switch_prob)
-        lam = float(rng.beta(cfg.cutmix_alpha, cfg.cutmix_alpha) if use_cutmix
-                    else rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or rng.random() < self.switch_prob)
+        lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha) if use_cutmix
+                    else rng.beta(self.mixup_alpha, self.mixup_alpha))
         images = batch["image"]
         if not use_cutmix:
             return self._mixed(batch, mixup(images, lam), lam, 1.0 - lam, covered_box=None, source_box=None)
@@ -170,8 +166,8 @@ class Mixer:
         # The maps come from an extra no-grad pass in the model's current (training) mode, as in the authors' code:
         # batch statistics for the backbone's norms, whose running averages this pass also updates.
         cams = normalized_cams(model.class_activation_maps(images, batch["label"]), size)
-        target_box = random_box(*size, float(rng.beta(self.cfg.snapmix_alpha, self.cfg.snapmix_alpha)), rng)
-        source_box = random_box(*size, float(rng.beta(self.cfg.snapmix_alpha, self.cfg.snapmix_alpha)), rng)
+        target_box = random_box(*size, float(rng.beta(self.snapmix_alpha, self.snapmix_alpha)), rng)
+        source_box = random_box(*size, float(rng.beta(self.snapmix_alpha, self.snapmix_alpha)), rng)
         mixed, rho_a, rho_b = snapmix(images, cams, target_box, source_box)
         if box_area(target_box) == 0 or box_area(source_box) == 0:
             target_box = source_box = None
@@ -213,9 +209,8 @@ class Mixer:
         pasted and moved with it."""
         partner = boxes.flip(0)
         if covered_box is not None:
-            kept = box_of_points(partner, source_box)
-            corners = torch.stack([kept[:, :2], kept[:, :2] + kept[:, 2:]], dim=1) - 0.5  # edges as pixel centres
-            moved = moved_into(corners, source_box, covered_box) + 0.5
-            partner = torch.where((kept[:, 2:] > 0).all(dim=1, keepdim=True),
-                                  torch.cat([moved[:, 0], moved[:, 1] - moved[:, 0]], dim=1), torch.zeros_like(kept))
+            kept = clip_boxes(partner, source_box)
+            corners = kept.view(-1, 2, 2) - 0.5  # edges as pixel centres, so that they move as pixels do
+            moved = (moved_into(corners, source_box, covered_box) + 0.5).flatten(1)
+            partner = torch.where((kept[:, 2:] > kept[:, :2]).all(dim=1, keepdim=True), moved, torch.zeros_like(kept))
         return torch.where(a_dominant[:, None], boxes, partner)

@@ -10,13 +10,16 @@ with its reason and the rest are still predicted; the exit status is then 1.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
-from fgvc.engine.inference import image_files, load_trained, predict_files
+from fgvc.build import load_model
+from fgvc.engine.inference import image_files, predict_files
+from fgvc.engine.logging import dumps
+from fgvc.errors import command
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fgvc.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,11 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.topk < 1:
         parser.error("--topk must be at least 1")
-    trained = load_trained(args.checkpoint, device=args.device)
+    trained = load_model(args.checkpoint, device=args.device)
     files = image_files(args.inputs, echo_skipped=lambda message: print(message, file=sys.stderr))
     predictions = predict_files(trained, files, topk=args.topk, batch_size=args.batch_size)
     if args.json:
-        print(json.dumps([p.to_json() for p in predictions], indent=2))
+        print(dumps([p.to_json() for p in predictions], indent=2))
     for prediction in predictions:
         if prediction.error is not None:
             print(f"{prediction.path}: unreadable: {prediction.error}", file=sys.stderr)

@@ -6,6 +6,15 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
+from fgvc.errors import FGVCError
+
+
+class UnknownName(FGVCError, KeyError):
+    """A name nothing was registered under; the message suggests the closest names."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
 
 class Registry:
     """Maps explicit names to builders (classes or functions); duplicates and unknown names are errors."""
@@ -27,7 +36,7 @@ class Registry:
         if name not in self._builders:
             close = difflib.get_close_matches(name, self._builders, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise KeyError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.list())})")
+            raise UnknownName(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.list())})")
         return self._builders[name]
 
     def build(self, name: str, **kwargs: Any) -> Any:

@@ -3,29 +3,33 @@
     python -m fgvc.train                                   # the quick start: synthbirds on the CPU, a few minutes
     python -m fgvc.train --dataset cub200 --data-dir ~/data/CUB_200_2011
     python -m fgvc.train --config configs/synthbirds/linear_test_resnet_long.yaml optim.lr=0.01
+    python -m fgvc.train --print-config model.head=wsdan   # the resolved config, without training
     python -m fgvc.train --resume runs/<run>                # continue an interrupted run exactly
+
+Without --config, the recipe is the quick start's (configs/synthbirds/quickstart.yaml), or with --dataset the
+dataset's own recipe where it has one; key=value overrides apply on top.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
-from fgvc.config import FLAG_KEYS, ConfigError, default_recipe, load_config, load_run_config
-from fgvc.data.annotations import AnnotationError
-from fgvc.data.download import DownloadError
-from fgvc.data.loader import TooManyUnreadableImages
+from fgvc.config import FLAG_KEYS, Config, ConfigError, default_recipe, load_config, load_run_config, to_yaml
 from fgvc.engine.localization import localization_line
-from fgvc.engine.trainer import CONFIG_FILE, RunResult, train
+from fgvc.engine.trainer import BEST, CONFIG_FILE, RunResult, train
+from fgvc.errors import command
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fgvc.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe merged onto the defaults")
+    parser.add_argument("--config", help="a YAML recipe: a file, or a name under configs/ (cub200/isqrt_resnet50)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--dataset", help="data.dataset: synthbirds, cub200, cars196, aircraft100, folder, mnist, "
                                           "cifar10, cifar100, imagenet")
     parser.add_argument("--data-dir", help="data.root")
@@ -40,6 +44,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+def resolve(args: argparse.Namespace) -> Config:
+    """The config the arguments describe: a run's saved one for --resume, else recipe + flags + overrides."""
+    flags = {name: getattr(args, name) for name in FLAG_KEYS}
+    if args.resume:
+        if args.config or args.overrides or any(v is not None for v in flags.values()):
+            raise ConfigError("--resume continues a run with its saved config; it takes no other options")
+        saved = Path(args.resume) / CONFIG_FILE
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: not a run folder (it has no {CONFIG_FILE})")
+        return load_run_config(saved)
+    recipe = args.config or default_recipe(args.dataset)
+    if recipe is not None and args.config is None and args.dataset is not None and not args.print_config:
+        print(f"--dataset {args.dataset}: using the recipe {recipe} (--config chooses another)")
+    return load_config(recipe, args.overrides, flags)
+
+
 def format_results(result: RunResult) -> str:
     rows = [("val (selected)", result.val), ("test", result.test)]
     lines = [f"{'':16}{'top-1':>8}{'top-5':>8}{'per-class':>11}"]
@@ -49,30 +69,38 @@ def format_results(result: RunResult) -> str:
                          f"{metrics['per_class_accuracy']:11.2f}")
     if result.test is not None and (localization := localization_line(result.test)):
         lines.append(f"test {localization}")
-    lines.append(f"selected epoch {result.best_epoch}, {result.seconds:.0f} s; run folder: {result.run_dir}")
+    best = result.run_dir / BEST
+    lines += [f"selected epoch {result.best_epoch}, {result.seconds:.0f} s; run folder: {result.run_dir}",
+              "next:",
+              f"  python -m fgvc.evaluate --checkpoint {best} --tta flip multiscale tencrop",
+              f"  python -m fgvc.visualize --checkpoint {best} --count 8",
+              f"  python -m fgvc.predict --checkpoint {best} photo.jpg"]
     return "\n".join(lines)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    flags = {name: getattr(args, name) for name in FLAG_KEYS}
-    try:
-        if args.resume:
-            if args.config or args.overrides or any(v is not None for v in flags.values()):
-                raise ConfigError("--resume continues a run with its saved config; it takes no other options")
-            result = train(load_run_config(Path(args.resume) / CONFIG_FILE), resume_dir=args.resume)
-        else:
-            recipe = args.config or default_recipe(args.dataset)
-            if recipe is not None and args.config is None:
-                print(f"--dataset {args.dataset}: using the recipe {recipe} (--config chooses another)")
-            result = train(load_config(recipe, args.overrides, flags))
-    except (ConfigError, FileExistsError, AnnotationError, DownloadError, TooManyUnreadableImages) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    cfg = resolve(args)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    result = train(cfg, resume_dir=args.resume)
     if result.completed:
         print(format_results(result))
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """This module is also the API's `fgvc.train(config)`: the package attribute `fgvc.train` is this module (as
+    any import of it makes it), so calling it trains."""
+
+    def __call__(self, cfg: Config) -> RunResult:
+        """Train `cfg` (fgvc.load_config), select on validation, evaluate once on test (fgvc.api.train)."""
+        return train(cfg)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fgvc.data import build_dataset
-from fgvc.data.annotations import AnnotationError
-from fgvc.data.cub import SPLITS
+from fgvc.build import dataset_for, load_model
 from fgvc.data.images import ImageReadError
-from fgvc.engine.inference import MAP_SOURCES, load_trained, where_it_looks
+from fgvc.data.splits import SPLITS
+from fgvc.engine.inference import MAP_SOURCES, where_it_looks
+from fgvc.errors import command
 from fgvc.viz import attention_figure, save_figure, to_uint8_image
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fgvc.visualize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,12 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="folder for the PNGs (default: visualize/ beside the checkpoint)")
     args = parser.parse_args(argv)
-    try:
-        trained = load_trained(args.checkpoint, device=args.device, data_root=args.data_dir)
-        dataset = build_dataset(trained.cfg.data, args.split)
-    except (AnnotationError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    trained = load_model(args.checkpoint, device=args.device, data_root=args.data_dir)
+    dataset = dataset_for(trained, args.split)
     if args.indices is not None:
         bad = [i for i in args.indices if not 0 <= i < len(dataset)]
         if bad:
@@ -71,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = "right" if looked.predictions[0][0] == true else "wrong"
         title = (f"{args.split} #{index} ({Path(str(dataset.image_path(index))).name}): true class {true}; "
                  f"top-1 {verdict}")
-        figure = attention_figure(to_uint8_image(sample["image"]), looked.maps, title=title,
+        seen = to_uint8_image(sample["image"], trained.preprocessing.mean, trained.preprocessing.std)
+        figure = attention_figure(seen, looked.maps, title=title,
                                   box=sample["bbox"].tolist() if "bbox" in sample else None, crop_box=looked.crop_box,
                                   parts=sample["parts"].numpy() if "parts" in sample else None,
                                   predictions=looked.predictions)

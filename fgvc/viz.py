@@ -23,6 +23,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from fgvc.boxes import to_xywh
 from fgvc.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 COLOR_MAP = "inferno"
@@ -59,7 +60,7 @@ def attention_figure(image: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], 
                      columns: int = 6, panel_inches: float = 2.2, dpi: int = 100) -> Figure:
     """One image's grid: the input (with the object box in green, the attention crop box in cyan and visible part
     keypoints as white dots, where given) and each titled map overlaid, all on one scale with one colour bar.
-    Boxes are (x, y, w, h) in image pixels; parts P x 3 (x, y, visible)."""
+    Boxes are fgvc's (x0, y0, x1, y1) in image pixel edges; parts P x 3 (x, y, visible)."""
     panels = 1 + len(maps)
     columns = min(columns, panels)
     rows = math.ceil(panels / columns)
@@ -75,8 +76,10 @@ def attention_figure(image: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], 
     first.imshow(image)
     first.set_title("input", fontsize=8)
     for rectangle, colour in ((box, "lime"), (crop_box, "cyan")):
-        if rectangle is not None and rectangle[2] > 0 and rectangle[3] > 0:
-            x, y, w, h = (float(v) for v in rectangle)
+        if rectangle is None:
+            continue
+        x, y, w, h = (float(v) for v in to_xywh(rectangle))
+        if w > 0 and h > 0:
             # Boxes are in pixel edges; imshow centres pixel k on k, so edge e is drawn at e - 0.5.
             first.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=colour, linewidth=1.5))
     if parts is not None:

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgvc.config import DataConfig, SynthBirdsConfig
-from fgvc.data import DATA_ROOT_ENV, DATASETS, build_dataset
+from fgvc.build import build_dataset
+from fgvc.config import ConfigError, DataConfig
+from fgvc.data import DATA_ROOT_ENV, DATASETS
 from fgvc.data.annotations import AnnotationError
 from fgvc.data.cub import CUBAnnotations, CUBDataset
 from fgvc.data.images import ImageReadError
+from fgvc.data.synthbirds import SynthBirdsSpec
+from fgvc.errors import OptionError
 
 from .conftest import SMALL_SPEC
 
@@ -30,8 +33,8 @@ def test_sample_matches_the_files(small_birds: Path) -> None:
     np.testing.assert_array_equal(sample["image"], expected)
     assert sample["label"] == int(lines["image_class_labels.txt"][image_id - 1].split()[1]) - 1
     assert sample["index"] == 3
-    box_line = lines["bounding_boxes.txt"][image_id - 1]
-    np.testing.assert_allclose(sample["bbox"], [float(v) for v in box_line.split()[1:]])
+    x, y, w, h = (float(v) for v in lines["bounding_boxes.txt"][image_id - 1].split()[1:])
+    np.testing.assert_allclose(sample["bbox"], [x, y, x + w, y + h])  # the file's x, y, w, h as x0, y0, x1, y1
     part_rows = [r.split() for r in lines["parts/part_locs.txt"] if int(r.split()[0]) == image_id]
     np.testing.assert_allclose(sample["parts"], [[float(r[2]), float(r[3]), float(r[4])] for r in part_rows])
     assert sample["attributes"].shape == (len(dataset.attribute_names),)
@@ -68,23 +71,27 @@ def test_registry_builds_the_loader(small_birds: Path) -> None:
     assert {"cub200", "synthbirds"} <= set(DATASETS.list())
     cfg = DataConfig(dataset="cub200", root=str(small_birds))
     assert len(build_dataset(cfg, "test")) == len(CUBDataset(small_birds, "test"))
-    with pytest.raises(KeyError, match="did you mean 'cub200'"):
+    with pytest.raises(ConfigError, match=r"data.dataset \(--dataset\): unknown dataset 'cub20'; did you mean"):
         build_dataset(DataConfig(dataset="cub20", root=str(small_birds)), "test")
-    with pytest.raises(ValueError, match="data.root"):
+    with pytest.raises(ConfigError, match=r"data.root \(--data-dir\): must point at CUB_200_2011"):
         build_dataset(DataConfig(dataset="cub200"), "test")
+    with pytest.raises(ConfigError, match=r"data.download \(--download\): folder has no download"):
+        build_dataset(DataConfig(dataset="folder", root=str(small_birds), download=True), "test")
+    with pytest.raises(OptionError, match="^split: .dev. is unknown"):
+        build_dataset(DataConfig(dataset="cub200", root=str(small_birds)), "dev")
 
 
 def test_synthbirds_is_generated_once_into_the_cache(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
-    cfg = DataConfig(synthbirds=SynthBirdsConfig(num_classes=2, images_per_class=4, image_size=32))
+    cfg = DataConfig(synthbirds=SynthBirdsSpec(num_classes=2, images_per_class=4, image_size=32))
     first = build_dataset(cfg, "test")
     root = first.annotations.root
     assert root.parent == tmp_path and root.name.startswith("synthbirds-")
     stamp = (root / "images.txt").stat().st_mtime_ns
     assert len(build_dataset(cfg, "trainval")) + len(first) == 8
     assert (root / "images.txt").stat().st_mtime_ns == stamp  # reused, not regenerated
-    other = build_dataset(DataConfig(synthbirds=SynthBirdsConfig(num_classes=2, images_per_class=4, image_size=32,
-                                                                 seed=5)), "test")
+    other = build_dataset(DataConfig(synthbirds=SynthBirdsSpec(num_classes=2, images_per_class=4, image_size=32,
+                                                               seed=5)), "test")
     assert other.annotations.root != root  # another spec, another folder
 
 

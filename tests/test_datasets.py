@@ -15,8 +15,8 @@ import torch
 import torchvision
 from PIL import Image
 
+from fgvc.build import build_dataset
 from fgvc.config import DataConfig
-from fgvc.data import build_dataset
 from fgvc.data.aircraft import load_aircraft
 from fgvc.data.annotations import AnnotationError
 from fgvc.data.cars import load_cars
@@ -92,8 +92,9 @@ def test_cars_split_layout_matches_torchvision(tmp_path: Path, test_file_in_devk
             oracle = torchvision.datasets.StanfordCars(str(tmp_path), split=split)
             assert table_split(table, train) == [(str(p), t) for p, t in oracle._samples]
             assert oracle.classes == table.classes
-    # Boxes: 1-based inclusive corners (x1, y1, x2, y2) = (2, 3, 20, 12) become x, y, w, h = (1, 2, 19, 10).
-    np.testing.assert_array_equal(table.bboxes[0], [1, 2, 19, 10])
+    # Boxes: 1-based inclusive corners (x1, y1, x2, y2) = (2, 3, 20, 12) cover 0-based pixels 1..19 x 2..11, whose
+    # edges are (x0, y0, x1, y1) = (1, 2, 20, 12).
+    np.testing.assert_array_equal(table.bboxes[0], [1, 2, 20, 12])
 
 
 def test_cars_all_in_one_layout_gives_the_same_data(tmp_path: Path) -> None:
@@ -208,8 +209,8 @@ def test_aircraft_banner_is_removed_and_boxes_clipped(tmp_path: Path) -> None:
     assert with_banner["image"].shape == (40, 30, 3) and without["image"].shape == (20, 30, 3)
     np.testing.assert_array_equal(without["image"], with_banner["image"][:20])
     # Corners (3, 4)-(28, 39), 1-based inclusive: x 2..28, y 3..39 in pixel edges; the banner cuts y at 20.
-    np.testing.assert_array_equal(with_banner["bbox"], [2, 3, 26, 36])
-    np.testing.assert_array_equal(without["bbox"], [2, 3, 26, 17])
+    np.testing.assert_array_equal(with_banner["bbox"], [2, 3, 28, 39])
+    np.testing.assert_array_equal(without["bbox"], [2, 3, 28, 20])
 
 
 @pytest.mark.parametrize(("file", "line", "text", "message"), [

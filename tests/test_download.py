@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fgvc.build import build_dataset
 from fgvc.config import DataConfig
-from fgvc.data import build_dataset
 from fgvc.data.download import ARCHIVES, Archive, DownloadError, download, download_dataset, extract, published_md5
 
 

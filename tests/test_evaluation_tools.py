@@ -17,15 +17,16 @@ from torchvision.transforms.v2 import functional as TF
 from fgvc import evaluate as evaluate_cli
 from fgvc import predict as predict_cli
 from fgvc import visualize as visualize_cli
+from fgvc.build import build_dataset
 from fgvc.config import load_config
 from fgvc.engine import trainer
-from fgvc.engine.loop import Precision, evaluate
+from fgvc.engine.loop import Runtime, evaluate
 from fgvc.engine.metrics import ClassificationMeter, most_confused
 from fgvc.engine.tta import average_views, flip_views, multiscale_views, ten_crop_views
 from fgvc.models import FGVCModel
 from fgvc.models.heads import Head
 from fgvc.viz import attention_figure, overlay, save_figure
-from tests.test_training import tiny_overrides
+from tests.test_training import quick_start, tiny_overrides
 
 
 class CornerHead(Head):
@@ -52,8 +53,8 @@ def test_tta_rows_are_hand_computed_averages() -> None:
 
     def scores(views, average):
         meter = ClassificationMeter(4, keep_scores=True)
-        evaluate(model, batch, num_classes=4, device=torch.device("cpu"), precision=Precision("cpu"),
-                 views=views, average=average, meter=meter)
+        evaluate(model, batch, Runtime(torch.device("cpu")), num_classes=4, views=views, average=average,
+                 meter=meter)
         return torch.stack([meter.scores[i] for i in range(6)])
 
     corner, mirrored = fc(images[:, :, 0, 0]), fc(images[:, :, 0, -1])
@@ -87,7 +88,7 @@ def test_most_confused_pairs() -> None:
 @pytest.fixture(scope="module")
 def trained_run(small_birds: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("runs")
-    result = trainer.train(load_config(None, tiny_overrides(small_birds, output, "run") + ["schedule.epochs=1"]))
+    result = trainer.train(quick_start(tiny_overrides(small_birds, output, "run") + ["schedule.epochs=1"]))
     return result.run_dir
 
 
@@ -100,7 +101,7 @@ def test_evaluate_writes_rows_confusion_and_matches_training(trained_run: Path, 
     assert report["top1"] == pytest.approx(results["test"]["top1"])  # single crop = the training run's figure
     assert set(report["tta"]) == {"flip", "multi-scale 0.875/1/1.125", "ten-crop"}
     rows = list(csv.reader((tmp_path / "eval-confusion.csv").read_text().splitlines()))
-    assert rows[0][1:] == trainer.build_dataset(load_config(trained_run / "config.yaml").data, "test").classes
+    assert rows[0][1:] == build_dataset(load_config(trained_run / "config.yaml").data, "test").classes
     counts = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
     assert counts.sum() == report["images"]
     assert np.trace(counts) / counts.sum() * 100 == pytest.approx(report["top1"])
@@ -177,7 +178,7 @@ def test_the_saved_picture_is_bright_where_the_map_peaks(tmp_path: Path) -> None
 @pytest.mark.parametrize("head", ["linear", "wsdan"])
 def test_visualize_writes_one_png_per_image(small_birds: Path, tmp_path: Path, head: str, capsys) -> None:
     extra = ["schedule.epochs=1", f"model.head={head}", "model.num_attention_maps=4"]
-    run = trainer.train(load_config(None, tiny_overrides(small_birds, tmp_path, head) + extra)).run_dir
+    run = trainer.train(quick_start(tiny_overrides(small_birds, tmp_path, head) + extra)).run_dir
     out = tmp_path / "pictures"
     assert visualize_cli.main(["--checkpoint", str(run / "best.pt"), "--count", "2", "--out", str(out)]) == 0
     pictures = sorted(out.glob("*.png"))

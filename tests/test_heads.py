@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fgvc.config import ModelConfig
+from fgvc.build import build_model
+from fgvc.config import ConfigError, ModelConfig, WSDANConfig
 from fgvc.engine.checkpoint import load_checkpoint, save_checkpoint
 from fgvc.losses import LabelSmoothingCrossEntropy
-from fgvc.models import HEADS, build_model
+from fgvc.models import HEADS
 from fgvc.models.heads import newton_schulz_sqrt
 from fgvc.models.wsdan import (
     attention_boxes,
@@ -30,8 +31,8 @@ def head_config(name: str, backbone: str = "test_resnet") -> ModelConfig:
 
 
 def stride_for(backbone: str) -> int | None:
-    """The default output stride for CNNs; ViTs have none to set."""
-    return None if backbone == "test_vit" else ModelConfig().output_stride
+    """The quick start's output stride for CNNs; ViTs keep their own."""
+    return None if backbone == "test_vit" else 16
 
 
 def features(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -66,7 +67,7 @@ def test_every_head_trains_and_infers_on_cnn_and_vit(backbone: str, name: str) -
 
 
 def test_bilinear_head_pools_as_the_formula_says() -> None:
-    head = HEADS.get("bilinear")(6, 3, ModelConfig(head_dim=None)).double().eval()
+    head = HEADS.get("bilinear")(6, 3, head_dim=None).double().eval()
     x = features(2, 6, 4, 5)
     flat = x.flatten(2)
     expected = head.fc(signed_sqrt_l2((flat @ flat.transpose(1, 2) / 20).flatten(1)))
@@ -74,8 +75,7 @@ def test_bilinear_head_pools_as_the_formula_says() -> None:
 
 
 def test_isqrt_head_is_the_square_root_of_the_covariance() -> None:
-    cfg = ModelConfig(head_dim=5, isqrt_iterations=5)
-    head = HEADS.get("isqrt")(6, 3, cfg).double().eval()
+    head = HEADS.get("isqrt")(6, 3, head_dim=5, isqrt_iterations=5).double().eval()
     x = features(2, 6, 4, 5)
     reduced = head.reduce(x).flatten(2)
     centered = reduced - reduced.mean(2, keepdim=True)
@@ -87,7 +87,7 @@ def test_isqrt_head_is_the_square_root_of_the_covariance() -> None:
 
 
 def test_wsdan_part_features_are_bilinear_attention_pooling() -> None:
-    head = HEADS.get("wsdan")(6, 3, ModelConfig(num_attention_maps=4)).double().eval()
+    head = HEADS.get("wsdan")(6, 3, num_attention_maps=4).double().eval()
     x = features(2, 6, 4, 5)
     maps = head.attention(x)
     expected = signed_sqrt_l2(torch.einsum("bmhw,bchw->bmc", maps, x).flatten(1) / 20)
@@ -204,6 +204,10 @@ def test_wsdan_centers_move_and_survive_a_checkpoint(tmp_path) -> None:
     assert torch.equal(restored.head.centers, centers)
 
 
-def test_wsdan_needs_two_maps() -> None:
-    with pytest.raises(ValueError, match="at least 2"):
-        build_model(ModelConfig(head="wsdan", num_attention_maps=1), num_classes=3)
+def test_head_options_are_checked_and_named_by_their_keys() -> None:
+    with pytest.raises(ConfigError, match="model.num_attention_maps: must be at least 2"):
+        build_model(ModelConfig(backbone="test_resnet", head="wsdan", num_attention_maps=1), num_classes=3)
+    with pytest.raises(ConfigError, match=r"model.wsdan.crop_threshold: must be \[low, high\]"):
+        build_model(ModelConfig(backbone="test_resnet", head="wsdan", wsdan=WSDANConfig(crop_threshold=[0.7, 0.2])), 3)
+    with pytest.raises(ConfigError, match="model.isqrt_iterations: must be at least 1"):
+        build_model(ModelConfig(backbone="test_resnet", head="isqrt", isqrt_iterations=0), num_classes=3)

@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 from fgvc.data.cub import CUBDataset
-from fgvc.data.loader import EpochSampler, build_loader, derived_seed
+from fgvc.data.loader import EpochSampler, UnreadableImages, build_loader, derived_seed
 from fgvc.data.transforms import PartAwareTransform, eval_transform, train_transform
 
 
 def batches(loader, epochs: int) -> list[dict]:
     seen = []
     for epoch in range(epochs):
-        loader.sampler.set_epoch(epoch)
+        loader.set_epoch(epoch)
         seen.extend(loader)
     return seen
 
@@ -30,8 +30,8 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
 def test_batches_identical_with_0_and_2_workers(small_birds: Path) -> None:
     dataset = CUBDataset(small_birds, "trainval")
     transform = PartAwareTransform(train_transform(48), dataset.part_names)
-    runs = [batches(build_loader(dataset, transform, batch_size=8, seed=3, train=True, workers=w), epochs=2)
-            for w in (0, 2)]
+    runs = [batches(build_loader(dataset, transform, batch_size=8, seed=3, train=True, workers=w,
+                                 unreadable=strict(dataset)), epochs=2) for w in (0, 2)]
     assert_same_batches(*runs)
     assert not torch.equal(runs[0][0]["index"], runs[0][len(runs[0]) // 2]["index"])  # epochs differ
 
@@ -51,8 +51,8 @@ def test_order_depends_on_seed_and_epoch_only() -> None:
 def test_a_sample_is_the_same_alone_or_in_a_batch(small_birds: Path) -> None:
     dataset = CUBDataset(small_birds, "train")
     transform = PartAwareTransform(train_transform(48), dataset.part_names)
-    loader = build_loader(dataset, transform, batch_size=4, seed=1, train=True)
-    loader.sampler.set_epoch(5)
+    loader = build_loader(dataset, transform, batch_size=4, seed=1, train=True, unreadable=strict(dataset))
+    loader.set_epoch(5)
     batch = next(iter(loader))
     first = int(batch["index"][0])
     alone = transform(dataset[first], derived_seed(1, 5, first))
@@ -62,9 +62,26 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(small_birds: Path) -> None:
 def test_evaluation_loader_keeps_every_sample_in_order(small_birds: Path) -> None:
     dataset = CUBDataset(small_birds, "test")
     loader = build_loader(dataset, PartAwareTransform(eval_transform(48), dataset.part_names), batch_size=7,
-                          seed=0, train=False)
+                          seed=0, train=False, unreadable=strict(dataset))
     indices = torch.cat([b["index"] for b in loader]).tolist()
     assert indices == list(range(len(dataset)))
+    assert loader.batches_per_epoch == len(loader) == -(-len(dataset) // 7)  # the last, incomplete batch is kept
+
+
+def test_a_resumed_epoch_starts_at_its_batch(small_birds: Path) -> None:
+    dataset = CUBDataset(small_birds, "trainval")
+    loader = build_loader(dataset, PartAwareTransform(train_transform(32), dataset.part_names), batch_size=4,
+                          seed=2, train=True, unreadable=strict(dataset))
+    loader.set_epoch(1)
+    whole = [b["index"].tolist() for b in loader]
+    loader.set_epoch(1, start_batch=3)
+    assert [b["index"].tolist() for b in loader] == whole[3:]
+    assert loader.batches_per_epoch == len(dataset) // 4 and len(loader) == len(whole) - 3
+
+
+def strict(dataset) -> UnreadableImages:
+    """An unreadable-image budget of none: the small tree has no bad files."""
+    return UnreadableImages("test", len(dataset), 0.0)
 
 
 def test_derived_seeds_differ_per_position() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgvc.config import ModelConfig
+import fgvc
 from fgvc.data import CUBDataset
 from fgvc.data.synthbirds import CLASS_FACTORS, FACTOR_PART, discriminative_parts
 from fgvc.engine.localization import LocalizationMeter, localization_line, meter_for, peaks
@@ -32,8 +32,8 @@ def test_meter_counts_boxes_and_parts_by_hand() -> None:
     batch = {
         "image": torch.zeros(3, 3, 32, 32),
         "label": torch.tensor([0, 1, 0]),
-        # (x, y, w, h) in pixel edges: the first and third peaks are inside, the second is not
-        "bbox": torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 20.0, 20.0], [25.0, 0.0, 7.0, 5.0]]),
+        # (x0, y0, x1, y1) in pixel edges: the first and third peaks are inside, the second is not
+        "bbox": torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 20.0, 20.0], [25.0, 0.0, 32.0, 5.0]]),
         # parts (x, y, visible): part 0 discriminates class 0, part 1 class 1
         "parts": torch.tensor([[[6.0, 6.0, 1.0], [0.0, 0.0, 0.0]],       # within 3.2 px of the peak: hit
                                [[0.0, 0.0, 0.0], [20.0, 25.0, 1.0]],     # 5 px away: miss
@@ -49,7 +49,7 @@ def test_meter_counts_boxes_and_parts_by_hand() -> None:
 
 def test_grad_cam_of_a_linear_head_is_its_class_activation_map() -> None:
     torch.manual_seed(0)
-    model = FGVCModel(torch.nn.Identity(), LinearHead(6, 4, ModelConfig(drop_rate=0.5))).train()
+    model = FGVCModel(torch.nn.Identity(), LinearHead(6, 4, drop_rate=0.5)).train()
     images = torch.randn(3, 6, 5, 7)  # the identity "backbone" passes these through as features
     labels = torch.tensor([0, 3, 1])
     cam = torch.einsum("bc,bchw->bhw", model.head.fc.weight[labels], images)
@@ -64,7 +64,7 @@ def test_grad_cam_of_a_linear_head_is_its_class_activation_map() -> None:
 
 def test_isqrt_maps_are_gradient_times_features() -> None:
     torch.manual_seed(0)
-    head = ISqrtHead(6, 4, ModelConfig(head_dim=5, isqrt_iterations=3)).eval()
+    head = ISqrtHead(6, 4, head_dim=5, isqrt_iterations=3).eval()
     features = torch.rand(8, 6, 5, 5)
     labels = torch.arange(8) % 4
     maps = head.class_activation_maps(features, labels)
@@ -83,4 +83,9 @@ def test_discriminative_parts_follow_the_one_attribute_neighbours(small_birds: P
         assert {name.removeprefix("left ").removeprefix("right ") for name in parts} == expected
         assert parts  # every class has a neighbour one attribute away
     assert discriminative_parts(small_birds, list(reversed(dataset.classes))) is None  # an edited tree
-    assert meter_for(dataset).discriminative_parts is not None
+    # The synthbirds dataset supplies them (as part indices) to the localization metrics; CUB does not know them.
+    synthbirds = fgvc.create_dataset("synthbirds", small_birds, "test")
+    index = {name: i for i, name in enumerate(synthbirds.part_names)}
+    assert synthbirds.discriminative_parts == [[index[name] for name in parts] for parts in by_class]
+    assert meter_for(synthbirds).discriminative_parts == synthbirds.discriminative_parts
+    assert meter_for(dataset).discriminative_parts is None and meter_for(dataset) is not None  # boxes only

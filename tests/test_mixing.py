@@ -8,10 +8,12 @@ import pytest
 import torch
 from timm.data import Mixup
 
-from fgvc.config import ModelConfig, RegularizationConfig
+from fgvc.build import build_model
+from fgvc.config import ModelConfig
+from fgvc.errors import OptionError
 from fgvc.losses import LabelSmoothingCrossEntropy, smooth, smoothed_targets
 from fgvc.mixing import Mixer, covered, cutmix, cutmix_box, mixup, normalized_cams, one_hot, snapmix
-from fgvc.models import FGVCModel, build_model
+from fgvc.models import FGVCModel
 from fgvc.models.heads import LinearHead
 
 K = 5
@@ -61,7 +63,7 @@ def test_mixup_agrees_with_timm(seed: int) -> None:
     np.random.rand()  # timm's draw order: the mix_prob test, then lam
     lam = float(np.random.beta(1.0, 1.0))
     torch.testing.assert_close(mixup(images, lam), timm_images)
-    mixer = Mixer(RegularizationConfig(mixup_alpha=1.0), K, seed=0)
+    mixer = Mixer(K, seed=0, mixup_alpha=1.0)
     ours = mixer._mixed({"image": images, "label": labels}, mixup(images, lam), lam, 1 - lam, covered_box=None,
                         source_box=None)
     torch.testing.assert_close(ours["target"], timm_target)
@@ -79,15 +81,16 @@ def test_cutmix_agrees_with_timm_and_lam_is_the_pasted_area(seed: int) -> None:
     torch.testing.assert_close(mixed, timm_images)
     changed = (mixed[0] != images[0]).any(dim=0)  # sample 0's partner differs at every pixel
     assert corrected == pytest.approx(1 - changed.float().mean().item())  # lam = 1 - pasted area, after clipping
-    ours = Mixer(RegularizationConfig(cutmix_alpha=1.0), K, seed=0)._mixed(
+    ours = Mixer(K, seed=0, cutmix_alpha=1.0)._mixed(
         {"image": images, "label": labels}, mixed, corrected, 1 - corrected, covered_box=box, source_box=box)
     torch.testing.assert_close(ours["target"], timm_target)
 
 
 def test_cutmix_box_is_the_formula() -> None:
-    # lam 0.75: sides sqrt(0.25) = half the image; centred at (10, 12) in a 20 x 24 image: rows 5..14, cols 6..17.
-    assert cutmix_box(20, 24, 0.75, (10, 12)) == (5, 15, 6, 18)
-    assert cutmix_box(20, 24, 0.75, (0, 23)) == (0, 5, 17, 24)  # clipped at the edges
+    # lam 0.75: sides sqrt(0.25) = half the image; centred at (10, 12) in a 20 x 24 image: rows 5..14, cols 6..17,
+    # as (x0, y0, x1, y1).
+    assert cutmix_box(20, 24, 0.75, (10, 12)) == (6, 5, 18, 15)
+    assert cutmix_box(20, 24, 0.75, (0, 23)) == (17, 0, 24, 5)  # clipped at the edges
 
 
 def test_cutmix_covers_parts_and_keeps_the_dominant_label() -> None:
@@ -95,18 +98,18 @@ def test_cutmix_covers_parts_and_keeps_the_dominant_label() -> None:
     labels = torch.tensor([1, 3])
     parts = torch.tensor([[[2.0, 2.0, 1.0], [10.0, 10.0, 1.0], [0.0, 0.0, 0.0]],
                           [[3.0, 3.0, 1.0], [12.0, 5.0, 1.0], [9.0, 9.0, 1.0]]])
-    box = (8, 16, 8, 16)  # the bottom-right quarter: lam = 0.75, each image keeps its own label
+    box = (8, 8, 16, 16)  # the bottom-right quarter: lam = 0.75, each image keeps its own label
     mixed, lam = cutmix(images, box)
-    out = Mixer(RegularizationConfig(cutmix_alpha=1.0), K, 0)._mixed(
+    out = Mixer(K, 0, cutmix_alpha=1.0)._mixed(
         {"image": images, "label": labels, "parts": parts}, mixed, lam, 1 - lam, covered_box=box, source_box=box)
     assert out["label"].tolist() == [1, 3]
     # (10, 10) lies under the pasted quarter: hidden, written as CUB writes hidden parts.
     assert out["parts"][0].tolist() == [[2.0, 2.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     assert out["parts"][1, :, 2].tolist() == [1.0, 1.0, 0.0]
     # When the paste dominates, the partner's parts inside the box are the ones that stay visible.
-    big = (0, 16, 4, 16)  # 75% of the image: lam = 0.25
+    big = (4, 0, 16, 16)  # columns 4..15 of every row, 75% of the image: lam = 0.25
     mixed, lam = cutmix(images, big)
-    out = Mixer(RegularizationConfig(cutmix_alpha=1.0), K, 0)._mixed(
+    out = Mixer(K, 0, cutmix_alpha=1.0)._mixed(
         {"image": images, "label": labels, "parts": parts}, mixed, lam, 1 - lam, covered_box=big, source_box=big)
     assert out["label"].tolist() == [3, 1]
     assert out["parts"][0].tolist() == [[0.0, 0.0, 0.0], [12.0, 5.0, 1.0], [9.0, 9.0, 1.0]]
@@ -118,7 +121,7 @@ def test_snapmix_weights_are_cam_masses() -> None:
     cams = torch.zeros(2, 4, 4)
     cams[0, 0, 0], cams[0, 3, 3] = 0.25, 0.75  # a: a quarter of its mass in the top-left pixel
     cams[1, 1:3, 1:3] = 0.25  # b: its mass spread over the centre 2 x 2
-    target_box, source_box = (0, 2, 0, 2), (1, 2, 1, 3)  # paste b's 1 x 2 strip into a's top-left 2 x 2
+    target_box, source_box = (0, 0, 2, 2), (1, 1, 3, 2)  # paste b's 1 x 2 strip into a's top-left 2 x 2
     mixed, rho_a, rho_b = snapmix(images, cams, target_box, source_box)
     # Sample 0 (a) receives sample 1's strip: rho_a = 1 - 0.25, rho_b = b's mass in the strip = 2 x 0.25.
     assert rho_a[0].item() == pytest.approx(0.75) and rho_b[0].item() == pytest.approx(0.5)
@@ -135,7 +138,7 @@ def test_snapmix_weights_cover_all_of_zero_to_one(mass_a: float, mass_b: float) 
     cams = torch.zeros(2, 2, 2)
     for sample, mass in ((0, mass_a), (1, mass_b)):
         cams[sample, 0, 0], cams[sample, 1, 1] = mass, 1 - mass
-    _, rho_a, rho_b = snapmix(torch.rand(2, 3, 2, 2), cams, (0, 1, 0, 1), (0, 1, 0, 1))
+    _, rho_a, rho_b = snapmix(torch.rand(2, 3, 2, 2), cams, (0, 0, 1, 1), (0, 0, 1, 1))
     assert rho_a[0].item() == pytest.approx(1 - mass_a) and rho_b[0].item() == pytest.approx(mass_b)
 
 
@@ -148,9 +151,9 @@ def test_normalized_cams_sum_to_one_and_constant_maps_are_uniform() -> None:
 
 def test_snapmix_through_the_model_uses_the_heads_maps() -> None:
     torch.manual_seed(0)
-    model = FGVCModel(torch.nn.Identity(), LinearHead(3, K, ModelConfig()))
+    model = FGVCModel(torch.nn.Identity(), LinearHead(3, K))
     images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
-    mixer = Mixer(RegularizationConfig(snapmix_prob=1.0), K, seed=0)
+    mixer = Mixer(K, seed=0, snapmix_prob=1.0)
     out = mixer({"image": images, "label": labels}, model, epoch=0, index=0)
     again = mixer({"image": images, "label": labels}, model, epoch=0, index=0)
     torch.testing.assert_close(out["image"], again["image"])  # draws depend on the position only
@@ -159,12 +162,12 @@ def test_snapmix_through_the_model_uses_the_heads_maps() -> None:
 
 
 def test_mixer_off_and_probabilities() -> None:
-    assert not Mixer(RegularizationConfig(), K, 0).enabled
-    assert not Mixer(RegularizationConfig(mixup_alpha=0.8, mix_prob=0.0), K, 0).enabled
-    with pytest.raises(ValueError, match="regularization.mix_prob must be in"):
-        Mixer(RegularizationConfig(mix_prob=1.5), K, 0)
+    assert not Mixer(K, 0).enabled
+    assert not Mixer(K, 0, mixup_alpha=0.8, mix_prob=0.0).enabled
+    with pytest.raises(OptionError, match=r"mix_prob: must be in \[0, 1\], got 1.5"):
+        Mixer(K, 0, mix_prob=1.5)
     images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
-    mixer = Mixer(RegularizationConfig(mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=0.5), K, 0)
+    mixer = Mixer(K, 0, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=0.5)
     kinds = set()
     for index in range(40):
         out = mixer({"image": images, "label": labels}, None, epoch=0, index=index)
@@ -176,14 +179,14 @@ def test_mixer_off_and_probabilities() -> None:
 
 def test_covered_uses_pixel_extents() -> None:
     points = torch.tensor([[1.5, 1.0], [1.4, 1.0], [3.5, 2.0], [3.4, 2.0]])
-    assert covered(points, (0, 4, 2, 4)).tolist() == [True, False, False, True]
+    assert covered(points, (2, 0, 4, 4)).tolist() == [True, False, False, True]
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
 def test_stochastic_depth_and_dropout_act_only_in_training(backbone: str) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone, head="linear", drop_rate=0.5, drop_path_rate=0.5,
-                                    output_stride=None if backbone == "test_vit" else ModelConfig().output_stride), K)
+                                    output_stride=None if backbone == "test_vit" else 16), K)
     size = 32 if backbone == "test_resnet" else 160
     images = torch.rand(8, 3, size, size)  # 8 samples: the chance that two passes draw the same masks is nil
     for module in model.modules():  # timm zero-initializes each residual branch's last norm: un-zero it
@@ -197,3 +200,15 @@ def test_stochastic_depth_and_dropout_act_only_in_training(backbone: str) -> Non
     assert not torch.equal(model(images)["logits"], model(images)["logits"])
     model.eval()
     torch.testing.assert_close(model(images)["logits"], model(images)["logits"], rtol=0, atol=0)
+
+
+def test_a_dominant_paste_brings_its_box_cut_and_moved() -> None:
+    """Boxes are (x0, y0, x1, y1) in pixel edges. The partner's box (4, 4, 14, 14), cut to the pasted source region
+    (8, 8, 16, 16) and stretched onto the whole 16 x 16 image (x2), becomes (0, 0, 12, 12)."""
+    boxes = torch.tensor([[2.0, 2.0, 10.0, 10.0], [4.0, 4.0, 14.0, 14.0]])
+    partner_dominant = torch.tensor([False, True])
+    moved = Mixer._boxes(boxes, partner_dominant, covered_box=(0, 0, 16, 16), source_box=(8, 8, 16, 16))
+    torch.testing.assert_close(moved[0], torch.tensor([0.0, 0.0, 12.0, 12.0]))
+    torch.testing.assert_close(moved[1], boxes[1])  # the dominant image keeps its own box
+    outside = Mixer._boxes(boxes, partner_dominant, covered_box=(0, 0, 16, 16), source_box=(12, 0, 16, 4))
+    assert outside[0].tolist() == [0.0, 0.0, 0.0, 0.0]  # nothing of the partner's box was pasted: no box

@@ -9,15 +9,15 @@ import pytest
 import torch
 import torchvision
 
-from fgvc.config import DataConfig, load_config
-from fgvc.data import build_dataset
+from fgvc.build import build_dataset
+from fgvc.config import DataConfig
 from fgvc.data.check import main as check_main
 from fgvc.data.export import class_folders, export_imagefolder
-from fgvc.data.loader import UNREADABLE, TooManyUnreadableImages, build_loader
+from fgvc.data.loader import TooManyUnreadableImages, UnreadableImages, build_loader
 from fgvc.data.transforms import PartAwareTransform, eval_transform
 from fgvc.engine import trainer
 from fgvc.engine.inference import evaluate_checkpoint
-from tests.test_training import tiny_overrides
+from tests.test_training import quick_start, tiny_overrides
 
 
 def break_images(root: Path, split: str, count: int) -> list[Path]:
@@ -36,8 +36,10 @@ def test_check_lists_every_bad_file(birds_copy: Path, capsys) -> None:
     out = capsys.readouterr().out
     for path in bad:
         assert f"{path}: " in out
-    assert "the file is empty" in out and "truncated" in out and "checked 60 images" in out
-    assert "3 unreadable" in out
+    assert "the file is empty" in out and "truncated" in out and "3 unreadable" in out
+    sizes = {split: len(build_dataset(DataConfig(dataset="cub200", root=str(birds_copy)), split))
+             for split in ("train", "val", "test")}
+    assert f"checked 60 images of cub200 (train {sizes['train']}, val {sizes['val']}, test {sizes['test']})" in out
     assert check_main(["--dataset", "cub200", "--data-dir", str(birds_copy), "--split", "val"]) == 0
 
 
@@ -50,11 +52,12 @@ def test_check_reports_bad_annotations(birds_copy: Path, capsys) -> None:
 def test_loader_leaves_bad_samples_out_without_substitutes(birds_copy: Path) -> None:
     bad = break_images(birds_copy, "test", 2)
     dataset = build_dataset(DataConfig(dataset="cub200", root=str(birds_copy)), "test")
+    reported = []
     loader = build_loader(dataset, PartAwareTransform(eval_transform(32), dataset.part_names), batch_size=5,
-                          seed=0, train=False)
-    loader.sampler.set_epoch(0)
+                          seed=0, train=False, unreadable=UnreadableImages("test", len(dataset), 0.5, reported.append))
+    loader.set_epoch(0)
     batches = list(loader)
-    assert [str(path) for path, _ in batches[0][UNREADABLE]] == [str(p) for p in bad]
+    assert list(loader.unreadable.reasons) == [str(p) for p in bad] and len(reported) == 2
     assert batches[0]["index"].tolist() == [2, 3, 4]  # the two bad ones are gone, nothing took their place
     seen = torch.cat([b["index"] for b in batches]).tolist()
     assert seen == list(range(2, len(dataset)))
@@ -64,18 +67,18 @@ def test_training_excludes_bad_files_then_stops_past_the_fraction(birds_copy: Pa
     bad = break_images(birds_copy, "train", 2)
     every_image = ["schedule.epochs=2", "data.batch_size=10"]  # 30 training images: no batch is dropped
     overrides = tiny_overrides(birds_copy, tmp_path, "tolerant") + every_image + ["data.max_bad_fraction=0.1"]
-    result = trainer.train(load_config(None, overrides))
+    result = trainer.train(quick_start(overrides))
     assert result.completed
     out = capsys.readouterr().out
     assert [out.count(str(path)) for path in bad] == [1, 1], (bad, out)  # each once, though met in both epochs
     strict = tiny_overrides(birds_copy, tmp_path, "strict") + ["schedule.epochs=1", "data.max_bad_fraction=0.0"]
     with pytest.raises(TooManyUnreadableImages, match="more than data.max_bad_fraction allows .0.*fgvc.data.check"):
-        trainer.train(load_config(None, strict))
+        trainer.train(quick_start(strict))
 
 
 def test_evaluation_says_how_many_images_it_left_out(birds_copy: Path, tmp_path: Path) -> None:
     tolerant = ["schedule.epochs=1", "data.max_bad_fraction=0.1"]  # the run's setting applies to evaluation too
-    result = trainer.train(load_config(None, tiny_overrides(birds_copy, tmp_path, "run") + tolerant))
+    result = trainer.train(quick_start(tiny_overrides(birds_copy, tmp_path, "run") + tolerant))
     assert result.test["excluded_images"] == 0
     break_images(birds_copy, "test", 1)
     report = evaluate_checkpoint(result.run_dir / "best.pt", split="test", tta=["flip"])

@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from fgvc.config import SynthBirdsConfig
+from fgvc.config import QUICK_START, load_config
 from fgvc.data import synthbirds
 from fgvc.data.synthbirds import CLASS_FACTORS, SynthBirdsSpec, generate
 
@@ -74,7 +74,8 @@ def test_files_parse_with_consistent_counts(small_birds: Path) -> None:
     visible = [r for r in tree["part_locs"] if r[4] == "1"]
     hidden = [r for r in tree["part_locs"] if r[4] == "0"]
     assert all(r[2:] == ["0.0", "0.0", "0"] for r in hidden)  # CUB's way of writing "not visible"
-    assert all(-0.5 <= float(r[2]) < 63.5 and -0.5 <= float(r[3]) < 63.5 for r in visible)
+    # A visible part lies inside the image, as in CUB: on the grid of pixel centres 0..63.
+    assert all(0 <= float(r[2]) <= 63 and 0 <= float(r[3]) <= 63 for r in visible)
     # A side view: exactly one eye and one wing can be seen (unless covered or out of frame), never both.
     by_image = {}
     for image_id, part_id, _, _, v in tree["part_locs"]:
@@ -148,7 +149,10 @@ def colour_features(images: list[np.ndarray]) -> np.ndarray:
     return np.array(features)
 
 
-@pytest.mark.parametrize("difficulty", [SynthBirdsSpec.difficulty, SynthBirdsConfig.difficulty],
+QUICK_START_DIFFICULTY = load_config(QUICK_START).data.synthbirds.difficulty
+
+
+@pytest.mark.parametrize("difficulty", [SynthBirdsSpec().difficulty, QUICK_START_DIFFICULTY],
                          ids=["generator default", "quick-start preset"])
 def test_global_colour_statistics_score_near_chance(tmp_path: Path, difficulty: float) -> None:
     spec = SynthBirdsSpec(num_classes=10, images_per_class=60, train_fraction=0.5, image_size=64, difficulty=difficulty,
@@ -231,7 +235,20 @@ def test_cli_generates_and_summarizes(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "12 images (48 px) of 3 classes" in printed
     assert "splits: train" in printed and "test 6" in printed
-    with pytest.raises(SystemExit) as exit_info:
-        synthbirds.main(["--out", str(tmp_path / "cli")])
-    assert exit_info.value.code == 2
-    assert "already exists" in capsys.readouterr().err
+    assert synthbirds.main(["--out", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "already exists" in err and len(err.splitlines()) == 1
+
+
+def test_visible_parts_of_the_default_spec_lie_inside_their_images() -> None:
+    """An independent CUB-format validator found image 52 of the default spec with part 1 visible at y = -0.4,
+    outside its image. That bird, and every bird of its class, keeps its visible parts on the pixel grid."""
+    spec = SynthBirdsSpec()
+    attributes = synthbirds.class_attributes(spec.num_classes, spec.seed)[0]  # ids 1..60 are class 1
+    for image_id in range(1, spec.images_per_class + 1):
+        bird = synthbirds.render_bird(attributes, synthbirds.image_rng(spec.seed, image_id), spec.image_size,
+                                      spec.difficulty)
+        visible = bird.parts[bird.parts[:, 2] > 0, :2]
+        assert ((visible >= 0) & (visible <= spec.image_size - 1)).all(), (image_id, visible)
+    bird = synthbirds.render_bird(attributes, synthbirds.image_rng(spec.seed, 52), spec.image_size, spec.difficulty)
+    assert bird.parts[0, 2] == 0  # the back, at y = -0.4 before: not visible

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report import emit, finished, header, mean_spread  # noqa: E402
 from train_throughput import fgvc_rate, make_batches  # noqa: E402
 
-from fgvc.config import load_config  # noqa: E402
-from fgvc.data import build_dataset  # noqa: E402
+from fgvc.build import build_dataset  # noqa: E402
+from fgvc.config import QUICK_START, load_config  # noqa: E402
 from fgvc.engine import trainer  # noqa: E402
 
 # test_resnet ends with 96 channels: bilinear pools all of them (9,216 features), iSQRT reduces to 64 (2,080),
@@ -44,13 +44,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    base = load_config(None, COMMON)
+    base = load_config(QUICK_START, COMMON)
     train_images = len(build_dataset(base.data, "train"))
     batches = make_batches(8, base.data.batch_size, base.data.image_size, base.data.synthbirds.num_classes)
     speeds: dict[str, list[float]] = {head: [] for head in args.heads}
     for _ in range(args.rounds):
         for head in args.heads:
-            model_cfg = load_config(None, [*COMMON, f"model.head={head}", *HEADS[head]]).model
+            model_cfg = load_config(QUICK_START, [*COMMON, f"model.head={head}", *HEADS[head]]).model
             speeds[head].append(fgvc_rate(model_cfg, batches, base.data.synthbirds.num_classes))
 
     rows = []
@@ -62,7 +62,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as output:
                 overrides = [*COMMON, f"model.head={head}", *HEADS[head], f"schedule.epochs={epochs}",
                              f"train.seed={seed}", f"output_dir={output}", f"run_name={head}-{seed}"]
-                results.append(finished(trainer.train(load_config(None, overrides))).test)
+                results.append(finished(trainer.train(load_config(QUICK_START, overrides))).test)
         rows.append(f"| {head} | {speed:.0f} | {epochs} | "
                     + " | ".join(mean_spread([r[key] for r in results])
                                  for key in ("top1", "peak_in_box", "peak_on_part")) + " |")

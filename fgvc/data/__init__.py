@@ -1,6 +1,10 @@
 """Datasets, part-aware transforms and deterministic loaders.
 
-Datasets are registered by name; each builder takes the data config and a split name.
+Datasets are registered by name (`fgvc.list_datasets()`); each builder takes the dataset's root folder, a split
+name and keyword options named after the data.* config keys they correspond to (val_fraction, split_seed,
+download, annotation_level, remove_banner; synthbirds takes its generation `spec`). Items are raw samples: a dict
+with the decoded image (H x W x 3 uint8), label, index and, where the dataset has them, bbox (fgvc.boxes), parts
+and attributes.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fgvc.config import DataConfig
 from fgvc.data import aircraft, cars, generic
 from fgvc.data.annotations import AnnotationError
-from fgvc.data.cub import SPLITS, CUBAnnotations, CUBDataset, resolve_root, split_rows
+from fgvc.data.cub import CUBAnnotations, CUBDataset, resolve_root
 from fgvc.data.download import download_dataset
 from fgvc.data.image_list import ImageListDataset, ImageTable
+from fgvc.data.splits import check_split, split_rows
+from fgvc.errors import OptionError
 from fgvc.registry import Registry
 
 if TYPE_CHECKING:
@@ -27,65 +32,75 @@ if TYPE_CHECKING:
 
 DATASETS = Registry("dataset")
 DATA_ROOT_ENV = "FGVC_DATA_ROOT"
+Dataset = CUBDataset | ImageListDataset | generic.ArrayDataset
 
 
 @DATASETS.register("cub200")
-def cub200(cfg: DataConfig, split: str) -> CUBDataset:
-    root = _required_root(cfg, "CUB_200_2011 (or the folder that contains it)")
-    if cfg.download:
+def cub200(root: str | os.PathLike | None, split: str = "train", *, val_fraction: float = 0.1, split_seed: int = 0,
+           download: bool = False) -> CUBDataset:
+    root = _required_root(root, "CUB_200_2011 (or the folder that contains it)")
+    check_split(split)
+    if download:
         try:
             resolve_root(root)
         except AnnotationError:
             download_dataset("cub200", root)
-    return CUBDataset(root, split, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+    return CUBDataset(root, split, val_fraction=val_fraction, split_seed=split_seed,
                       annotations=_cached_annotations(root))
 
 
 @DATASETS.register("cars196")
-def cars196(cfg: DataConfig, split: str) -> ImageListDataset:
-    if cfg.download:
+def cars196(root: str | os.PathLike | None, split: str = "train", *, val_fraction: float = 0.1,
+            split_seed: int = 0, download: bool = False) -> ImageListDataset:
+    if download:
         raise AnnotationError("Stanford Cars has no working download (the official URL is dead); "
                               + cars.EXPECTED_LAYOUTS)
-    root = _required_root(cfg, "the Stanford Cars folder (or the folder that contains stanford_cars/)")
-    return ImageListDataset(_cached_table(cars.load_cars, root), split, val_fraction=cfg.val_fraction,
-                            split_seed=cfg.split_seed)
+    root = _required_root(root, "the Stanford Cars folder (or the folder that contains stanford_cars/)")
+    return ImageListDataset(_cached_table(cars.load_cars, root), split, val_fraction=val_fraction,
+                            split_seed=split_seed)
 
 
 @DATASETS.register("aircraft100")
-def aircraft100(cfg: DataConfig, split: str) -> ImageListDataset:
-    """FGVC-Aircraft's own splits: data.val_fraction does not apply, the official val split is used."""
-    root = _required_root(cfg, "fgvc-aircraft-2013b (or the folder that contains it)")
-    if cfg.download:
+def aircraft100(root: str | os.PathLike | None, split: str = "train", *, annotation_level: str = "variant",
+                remove_banner: bool = True, download: bool = False) -> ImageListDataset:
+    """FGVC-Aircraft's own splits: there is no val_fraction, the official val split is used."""
+    root = _required_root(root, "fgvc-aircraft-2013b (or the folder that contains it)")
+    check_split(split)
+    if download:
         try:
             aircraft.resolve_data_dir(root)
         except AnnotationError:
             download_dataset("aircraft100", root)
-    table = _cached_table(aircraft.load_aircraft, root, split, level=cfg.annotation_level,
-                          remove_banner=cfg.remove_banner)
+    table = _cached_table(aircraft.load_aircraft, root, split, level=annotation_level, remove_banner=remove_banner)
     return ImageListDataset(table, split)
 
 
 @DATASETS.register("folder")
-def image_folder(cfg: DataConfig, split: str) -> ImageListDataset:
-    root = _required_root(cfg, "an ImageFolder tree: " + generic.FOLDER_LAYOUT)
+def image_folder(root: str | os.PathLike | None, split: str = "train", *, val_fraction: float = 0.1,
+                 split_seed: int = 0) -> ImageListDataset:
+    root = _required_root(root, "an ImageFolder tree: " + generic.FOLDER_LAYOUT)
+    check_split(split)
     return ImageListDataset(_cached_table(generic.load_image_folder, root, split), split,
-                            val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+                            val_fraction=val_fraction, split_seed=split_seed)
 
 
 @DATASETS.register("imagenet")
-def imagenet(cfg: DataConfig, split: str) -> ImageListDataset:
-    root = _required_root(cfg, "ILSVRC-2012 as torchvision's ImageNet stores it (meta.bin, train/, val/)")
-    return ImageListDataset(_cached_table(generic.load_imagenet, root), split, val_fraction=cfg.val_fraction,
-                            split_seed=cfg.split_seed)
+def imagenet(root: str | os.PathLike | None, split: str = "train", *, val_fraction: float = 0.1,
+             split_seed: int = 0) -> ImageListDataset:
+    root = _required_root(root, "ILSVRC-2012 as torchvision's ImageNet stores it (meta.bin, train/, val/)")
+    return ImageListDataset(_cached_table(generic.load_imagenet, root), split, val_fraction=val_fraction,
+                            split_seed=split_seed)
 
 
-def _torchvision_arrays(name: str) -> Callable[[DataConfig, str], generic.ArrayDataset]:
-    def build(cfg: DataConfig, split: str) -> generic.ArrayDataset:
-        root = _required_root(cfg, f"the folder torchvision's {name} dataset was stored in")
+def _torchvision_arrays(name: str) -> Callable[..., generic.ArrayDataset]:
+    def build(root: str | os.PathLike | None, split: str = "train", *, val_fraction: float = 0.1,
+              split_seed: int = 0) -> generic.ArrayDataset:
+        root = _required_root(root, f"the folder torchvision's {name} dataset was stored in")
         images, labels, classes, is_train = _cached_table(generic.load_torchvision_arrays, name, root)
-        rows = split_rows(labels, is_train, split, cfg.val_fraction, cfg.split_seed)
-        return generic.ArrayDataset(images, labels, classes, rows)
+        return generic.ArrayDataset(images, labels, classes, split_rows(labels, is_train, split, val_fraction,
+                                                                        split_seed))
 
+    build.__doc__ = f"torchvision's {name}, read from where torchvision stored it (nothing is downloaded)."
     return build
 
 
@@ -94,28 +109,22 @@ for _name in ("mnist", "cifar10", "cifar100"):
 
 
 @DATASETS.register("synthbirds")
-def synthbirds_dataset(cfg: DataConfig, split: str) -> CUBDataset:
-    """synthbirds from data.root, or generated once into the cache folder named by its spec."""
-    if cfg.root is not None:
-        root = Path(cfg.root)
-    else:
-        from fgvc.data.synthbirds import SynthBirdsSpec
+def synthbirds_dataset(root: str | os.PathLike | None = None, split: str = "train", *, val_fraction: float = 0.1,
+                       split_seed: int = 0, spec: SynthBirdsSpec | None = None) -> CUBDataset:
+    """synthbirds from `root`, or (root None) generated once into the cache folder named by `spec`. The dataset
+    knows which parts tell each class from its one-attribute neighbours (discriminative_parts)."""
+    from fgvc.data import synthbirds  # the generator, only when needed (see ensure_synthbirds)
 
-        root = ensure_synthbirds(SynthBirdsSpec(**asdict(cfg.synthbirds)))
-    return CUBDataset(root, split, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                      annotations=_cached_annotations(root))
-
-
-def build_dataset(cfg: DataConfig, split: str) -> CUBDataset | ImageListDataset | generic.ArrayDataset:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    return DATASETS.get(cfg.dataset)(cfg, split)
+    root = Path(root).expanduser() if root is not None else ensure_synthbirds(spec or synthbirds.SynthBirdsSpec())
+    annotations = _cached_annotations(root)
+    return CUBDataset(root, split, val_fraction=val_fraction, split_seed=split_seed, annotations=annotations,
+                      discriminative_parts=synthbirds.discriminative_part_indices(root, annotations))
 
 
-def _required_root(cfg: DataConfig, what: str) -> Path:
-    if cfg.root is None:
-        raise ValueError(f"data.root (--data-dir) must point at {what}")
-    return Path(cfg.root).expanduser()
+def _required_root(root: str | os.PathLike | None, what: str) -> Path:
+    if root is None:
+        raise OptionError("root", f"must point at {what}")
+    return Path(root).expanduser()
 
 
 @functools.lru_cache(maxsize=8)

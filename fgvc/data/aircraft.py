@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fgvc.boxes import from_inclusive_corners
 from fgvc.data.annotations import AnnotationError, annotation_error, parse_float, read_records
-from fgvc.data.image_list import ImageTable, inclusive_corners_to_box
+from fgvc.data.image_list import ImageTable
 
 LEVELS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
 BANNER_HEIGHT = 20
@@ -88,5 +89,5 @@ def _read_boxes(path: Path) -> dict[str, tuple[float, float, float, float]]:
                           for value, name in zip(corners, ("xmin", "ymin", "xmax", "ymax"), strict=True))
         if x2 < x1 or y2 < y1:
             raise annotation_error(path, n, line, "xmax and ymax must not be below xmin and ymin")
-        boxes[image_id], seen[image_id] = inclusive_corners_to_box(x1, y1, x2, y2), n
+        boxes[image_id], seen[image_id] = from_inclusive_corners(x1, y1, x2, y2), n
     return boxes

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from fgvc.errors import FGVCError
 
-class AnnotationError(ValueError):
+
+class AnnotationError(FGVCError, ValueError):
     """A missing, malformed or inconsistent annotation file. The message says where ("path:line") and what."""
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from fgvc.boxes import from_inclusive_corners
 from fgvc.data.annotations import AnnotationError
-from fgvc.data.image_list import ImageTable, inclusive_corners_to_box
+from fgvc.data.image_list import ImageTable
 
 BOX_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 EXPECTED_LAYOUTS = """expected one of the two official Stanford Cars layouts (in this folder or in its stanford_cars/ \
@@ -144,7 +145,7 @@ def _box(path: Path, i: int, record) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = (_integer(path, i, field, record[field]) for field in BOX_FIELDS)
     if x2 < x1 or y2 < y1:
         raise AnnotationError(f"{path}: annotations[{i}] has an empty box ({x1}, {y1}, {x2}, {y2})")
-    return inclusive_corners_to_box(x1, y1, x2, y2)
+    return from_inclusive_corners(x1, y1, x2, y2)
 
 
 def _image(path: Path, i: int, field: str, folder: Path, name) -> Path:

@@ -3,7 +3,9 @@
     python -m fgvc.data.check --dataset cub200 --data-dir ~/data/CUB_200_2011
     python -m fgvc.data.check --dataset aircraft100 --data-dir ~/data --split test data.annotation_level=family
 
-Exit status: 0 all readable, 1 some unreadable (each listed with its reason), 2 the annotations themselves are bad.
+By default the train, val and test splits are checked (every image of the dataset once), and the count of each is
+printed. Exit status: 0 all readable, 1 some unreadable (each listed with its reason), 2 the annotations themselves
+are bad (or another mistake, named on one line).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fgvc.config import ConfigError, DataConfig, load_config
-from fgvc.data import build_dataset
-from fgvc.data.annotations import AnnotationError
-from fgvc.data.cub import SPLITS
+from fgvc.build import build_dataset
+from fgvc.config import DataConfig, load_config
 from fgvc.data.images import ImageReadError, read_rgb
+from fgvc.data.splits import SPLITS
+from fgvc.errors import FGVCError, command
 
-ALL = "all"  # trainval and test: every image of the dataset
+ALL = "all"  # train, val and test: every image of the dataset, each split counted
 
 
 @dataclass
@@ -60,20 +62,25 @@ def _problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-def split_paths(cfg_data: DataConfig, splits: Sequence[str]) -> list[Path]:
-    """Image files of the splits, each once, in dataset order."""
-    seen: dict[Path, None] = {}
+def split_paths(data: DataConfig, splits: Sequence[str]) -> dict[str, list[Path]]:
+    """Each split's image files, in dataset order, each file under the first split that lists it."""
+    seen: set[Path] = set()
+    paths = {}
     for split in splits:
-        dataset = build_dataset(cfg_data, split)
+        dataset = build_dataset(data, split)
+        paths[split] = []
         for index in range(len(dataset)):
             path = dataset.image_path(index)
             if path is None:
-                raise ValueError(f"{cfg_data.dataset} is held decoded in memory by torchvision; there are no image "
-                                 "files to check")
-            seen.setdefault(path)
-    return list(seen)
+                raise FGVCError(f"{data.dataset} is held decoded in memory by torchvision; there are no image "
+                                "files to check")
+            if path not in seen:
+                seen.add(path)
+                paths[split].append(path)
+    return paths
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fgvc.data.check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,16 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="data settings, e.g. data.remove_banner=false")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(None, args.overrides, {"dataset": args.dataset, "data_dir": args.data_dir})
-        paths = split_paths(cfg.data, ("trainval", "test") if args.split == ALL else (args.split,))
-    except (ConfigError, AnnotationError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    report = check_images(paths, workers=args.workers)
+    cfg = load_config(None, args.overrides, {"dataset": args.dataset, "data_dir": args.data_dir})
+    by_split = split_paths(cfg.data, ("train", "val", "test") if args.split == ALL else (args.split,))
+    report = check_images([path for paths in by_split.values() for path in paths], workers=args.workers)
     for path, reason in report.bad:
         print(f"{path}: {reason}")
-    print(f"checked {report.checked} images of {args.dataset} ({args.split}) in {report.seconds:.1f} s "
+    counts = ", ".join(f"{split} {len(paths)}" for split, paths in by_split.items())
+    print(f"checked {report.checked} images of {args.dataset} ({counts}) in {report.seconds:.1f} s "
           f"({report.images_per_s:.0f} images/s): {len(report.bad)} unreadable")
     return 1 if report.bad else 0
 

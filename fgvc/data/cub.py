@@ -1,10 +1,8 @@
 """CUB-200-2011 (and synthbirds, which is written in the same layout), read exactly as it ships.
 
-Splits: "train" and "val" are a stratified, seeded partition of the official training images (CUB has no
-validation split; selecting on test is this field's most common protocol error), "trainval" is all official
-training images, "test" the official test images.
-
-Attributes become one float per attribute: 1 present, 0 absent, -1 unknown (CUB's certainty 1, "not visible").
+Splits are fgvc's (fgvc.data.splits): CUB has no validation split, so val is carved from the training images.
+Boxes become fgvc's (x0, y0, x1, y1) (fgvc.boxes; the file holds x, y, width, height). Attributes become one float
+per attribute: 1 present, 0 absent, -1 unknown (CUB's certainty 1, "not visible").
 """
 
 from __future__ import annotations
@@ -15,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fgvc.boxes import from_xywh
 from fgvc.data.annotations import AnnotationError, annotation_error, parse_float, parse_int, read_records
 from fgvc.data.images import read_rgb
+from fgvc.data.splits import check_split, check_val_fraction, split_rows
 
-SPLITS = ("train", "val", "trainval", "test")
 NOT_VISIBLE_CERTAINTY = 1
 
 
@@ -45,7 +44,7 @@ class CUBAnnotations:
     labels: np.ndarray  # (N,) 0-based class index
     is_train: np.ndarray  # (N,) bool, the official split
     classes: list[str]
-    bboxes: np.ndarray | None = None  # (N, 4) x, y, w, h
+    bboxes: np.ndarray | None = None  # (N, 4) x0, y0, x1, y1
     part_names: list[str] | None = None
     parts: np.ndarray | None = None  # (N, P, 3) x, y, visible
     attribute_names: list[str] | None = None
@@ -76,19 +75,22 @@ class CUBAnnotations:
 
 class CUBDataset:
     """One split of a CUB-format tree. Items are raw samples: the decoded RGB image (H x W x 3 uint8) and its
-    annotations in that image's pixel coordinates, ready for a part-aware transform (fgvc.data.transforms)."""
+    annotations in that image's pixel coordinates, ready for a part-aware transform (fgvc.data.transforms).
+
+    discriminative_parts: per class, the indices of the parts that tell it from its nearest classes, where the data
+    knows them (synthbirds does; real CUB does not). The localization metrics read it."""
 
     def __init__(self, root: str | os.PathLike, split: str = "train", *, val_fraction: float = 0.1,
                  split_seed: int = 0, with_boxes: bool = True, with_parts: bool = True, with_attributes: bool = True,
-                 annotations: CUBAnnotations | None = None) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+                 annotations: CUBAnnotations | None = None,
+                 discriminative_parts: list[list[int]] | None = None) -> None:
+        check_split(split)
+        check_val_fraction(val_fraction)
         self.annotations = annotations or CUBAnnotations.load(
             root, with_boxes=with_boxes, with_parts=with_parts, with_attributes=with_attributes)
         self.split = split
         self.rows = split_rows(self.annotations.labels, self.annotations.is_train, split, val_fraction, split_seed)
+        self.discriminative_parts = discriminative_parts
 
     @property
     def classes(self) -> list[str]:
@@ -105,6 +107,10 @@ class CUBDataset:
     @property
     def targets(self) -> np.ndarray:
         return self.annotations.labels[self.rows]
+
+    @property
+    def has_boxes(self) -> bool:
+        return self.annotations.bboxes is not None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -123,25 +129,6 @@ class CUBDataset:
         if ann.attributes is not None:
             sample["attributes"] = ann.attributes[row]
         return sample
-
-
-def split_rows(labels: np.ndarray, is_train: np.ndarray, split: str, val_fraction: float, seed: int) -> np.ndarray:
-    """Rows of a split. Val is a stratified, seeded fraction of each class's official training images."""
-    if split == "test":
-        return np.flatnonzero(~is_train)
-    if split == "trainval":
-        return np.flatnonzero(is_train)
-    rng = np.random.default_rng([seed, 3])
-    val = []
-    for label in np.unique(labels[is_train]):
-        rows = np.flatnonzero(is_train & (labels == label))
-        n_val = round(val_fraction * len(rows))
-        if val_fraction > 0 and len(rows) > 1:
-            n_val = min(max(n_val, 1), len(rows) - 1)  # every class in val, and every class still in train
-        val.extend(rng.permutation(rows)[:n_val].tolist())
-    in_val = np.zeros(len(labels), dtype=bool)
-    in_val[val] = True
-    return np.flatnonzero(in_val if split == "val" else is_train & ~in_val)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +214,7 @@ def _read_boxes(path: Path, row: dict[int, int]) -> np.ndarray:
             raise annotation_error(path, n, line, "bounding box width and height must be positive")
         boxes[i], filled[i] = box, n
     _check_complete(path, filled, row, "bounding box")
-    return boxes
+    return from_xywh(boxes)
 
 
 def _read_part_locs(path: Path, row: dict[int, int], num_parts: int) -> np.ndarray:

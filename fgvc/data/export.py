@@ -21,9 +21,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fgvc.config import ConfigError, DataConfig, load_config
-from fgvc.data import build_dataset
-from fgvc.data.annotations import AnnotationError
+from fgvc.build import build_dataset
+from fgvc.config import DataConfig, load_config
+from fgvc.errors import FGVCError, OptionError, OutputExists, command
 
 EXPORT_SPLITS = ("train", "val", "test")
 MODES = ("link", "copy", "symlink")
@@ -41,10 +41,10 @@ def class_folders(classes: Sequence[str]) -> list[str]:
 def export_imagefolder(cfg: DataConfig, out: str | os.PathLike, *, mode: str = "link",
                        echo: Callable[[str], None] = print) -> Path:
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise OptionError("mode", f"{mode!r} is unknown; choose one of {', '.join(MODES)}")
     out = Path(out).expanduser()
     if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new folder")
+        raise OutputExists(f"{out} already exists; choose a new folder")
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -56,7 +56,7 @@ def export_imagefolder(cfg: DataConfig, out: str | os.PathLike, *, mode: str = "
             for index in range(len(dataset)):
                 source = dataset.image_path(index)
                 if source is None:
-                    raise ValueError(f"{cfg.dataset} is held in memory by torchvision; there are no files to export")
+                    raise FGVCError(f"{cfg.dataset} is held in memory by torchvision; there are no files to export")
                 folder = staging / split / folders[int(dataset.targets[index])]
                 folder.mkdir(parents=True, exist_ok=True)
                 _place(Path(source), _free_name(folder, Path(source).name), mode)
@@ -91,6 +91,7 @@ def _place(source: Path, target: Path, mode: str) -> None:
     shutil.copy2(source, target)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fgvc.data.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,12 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="link: hard links where possible, else copies (default)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="data settings, e.g. data.val_fraction=0.2")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(None, args.overrides, {"dataset": args.dataset, "data_dir": args.data_dir})
-        out = export_imagefolder(cfg.data, args.out, mode=args.mode)
-    except (ConfigError, AnnotationError, ValueError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(None, args.overrides, {"dataset": args.dataset, "data_dir": args.data_dir})
+    out = export_imagefolder(cfg.data, args.out, mode=args.mode)
     print(f"written to {out}")
     return 0
 

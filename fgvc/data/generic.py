@@ -77,7 +77,8 @@ class ArrayDataset:
 
     part_names = None
     attribute_names = None
-    bboxes = None
+    discriminative_parts = None
+    has_boxes = False
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], rows: np.ndarray) -> None:
         self.images, self.labels, self.classes, self.rows = images, labels, classes, rows

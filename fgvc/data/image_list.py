@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from fgvc.data.cub import SPLITS, split_rows
+from fgvc.boxes import clip_boxes
 from fgvc.data.images import read_rgb
+from fgvc.data.splits import check_split, check_val_fraction, split_rows
 
 
 @dataclass
@@ -17,8 +19,8 @@ class ImageTable:
     """Images of a dataset in a fixed order: files, 0-based labels, class names, and the official split.
 
     is_train: the official train/test membership, from which fgvc carves its validation split (see
-    fgvc.data.cub.split_rows); None when the table already is one official split (FGVC-Aircraft ships its own).
-    bboxes: (N, 4) x, y, w, h in pixels of the stored image, or None.
+    fgvc.data.splits); None when the table already is one official split (FGVC-Aircraft ships its own).
+    bboxes: (N, 4) x0, y0, x1, y1 (fgvc.boxes) in pixels of the stored image, or None.
     crop_bottom: pixels cut from the bottom of every image on reading (FGVC-Aircraft's credit banner); boxes are
     clipped to what remains.
     """
@@ -31,8 +33,7 @@ class ImageTable:
     crop_bottom: int = 0
 
     def rows(self, split: str, val_fraction: float, seed: int) -> np.ndarray:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        check_split(split)
         if self.is_train is None:
             return np.arange(len(self.paths))
         return split_rows(self.labels, self.is_train, split, val_fraction, seed)
@@ -44,10 +45,10 @@ class ImageListDataset:
 
     part_names = None
     attribute_names = None
+    discriminative_parts = None
 
     def __init__(self, table: ImageTable, split: str, *, val_fraction: float = 0.1, split_seed: int = 0) -> None:
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_val_fraction(val_fraction)
         self.table, self.split = table, split
         self.rows = table.rows(split, val_fraction, split_seed)
 
@@ -60,8 +61,8 @@ class ImageListDataset:
         return self.table.labels[self.rows]
 
     @property
-    def bboxes(self) -> np.ndarray | None:
-        return None if self.table.bboxes is None else self.table.bboxes[self.rows]
+    def has_boxes(self) -> bool:
+        return self.table.bboxes is not None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -75,21 +76,7 @@ class ImageListDataset:
         if self.table.crop_bottom:
             image = image[: max(image.shape[0] - self.table.crop_bottom, 1)]
         sample = {"image": image, "label": int(self.table.labels[row]), "index": int(index)}
-        if self.table.bboxes is not None:
-            sample["bbox"] = clip_box(self.table.bboxes[row], image.shape[1], image.shape[0])
+        if self.table.bboxes is not None:  # clipped: the credit banner may have been cut off
+            box = torch.from_numpy(self.table.bboxes[row])
+            sample["bbox"] = clip_boxes(box, (0, 0, image.shape[1], image.shape[0])).numpy()
         return sample
-
-
-def clip_box(box: np.ndarray, width: int, height: int) -> np.ndarray:
-    """An (x, y, w, h) box clipped to the image; all zeros (the "no box in frame" value) when nothing is left."""
-    low = np.clip(box[:2], 0, (width, height))
-    high = np.clip(box[:2] + box[2:], 0, (width, height))
-    if (high - low).min() <= 0:
-        return np.zeros(4, dtype=np.float32)
-    return np.concatenate([low, high - low]).astype(np.float32)
-
-
-def inclusive_corners_to_box(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float, float, float]:
-    """MATLAB-style 1-based inclusive pixel corners (Stanford Cars, FGVC-Aircraft) as an (x, y, w, h) box of pixel
-    edges in 0-based coordinates, the convention of CUB's bounding_boxes.txt."""
-    return x1 - 1.0, y1 - 1.0, x2 - x1 + 1.0, y2 - y1 + 1.0

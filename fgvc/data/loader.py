@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fgvc.data.images import ImageReadError
 from fgvc.data.transforms import PartAwareTransform
+from fgvc.errors import FGVCError, OptionError
 
 UNREADABLE = "unreadable"  # the batch key listing the (path, reason) of samples left out of the batch
 
@@ -91,7 +92,7 @@ def collate_readable(samples: list[dict | UnreadableImage]) -> dict:
     return batch
 
 
-class TooManyUnreadableImages(RuntimeError):
+class TooManyUnreadableImages(FGVCError, RuntimeError):
     """More unreadable images in a split than data.max_bad_fraction allows; the message names the latest one."""
 
 
@@ -102,7 +103,7 @@ class UnreadableImages:
     def __init__(self, split: str, num_images: int, max_fraction: float,
                  echo: Callable[[str], None] = print) -> None:
         if not 0 <= max_fraction <= 1:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_fraction}")
+            raise OptionError("max_bad_fraction", f"must be in [0, 1], got {max_fraction}")
         self.split, self.echo = split, echo
         self.allowed = math.floor(max_fraction * num_images)
         self.num_images = num_images
@@ -122,16 +123,52 @@ class UnreadableImages:
                     "List every bad file with: python -m fgvc.data.check --dataset ... --data-dir ...")
 
 
+class SplitLoader:
+    """The batches of one split, with its unreadable images accounted for.
+
+    Iterating gives the DataLoader's batch dicts after counting the images left out of each against the split's
+    `unreadable` budget (which stops the run when exceeded); a batch whose images were all unreadable comes as {}
+    and still counts as a batch, so a schedule never shifts. Batches follow EpochSampler's order: call
+    set_epoch(epoch, start_batch) before each epoch (a resumed run starts mid-epoch)."""
+
+    def __init__(self, loader: DataLoader, unreadable: UnreadableImages) -> None:
+        self.loader, self.unreadable = loader, unreadable
+
+    @property
+    def dataset(self):
+        """The raw dataset (its classes, part names, ...)."""
+        return self.loader.dataset.dataset
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in a whole epoch: incomplete last batches are dropped in training, kept in evaluation."""
+        size, count = self.loader.batch_size, len(self.loader.dataset)
+        return count // size if self.loader.drop_last else -(-count // size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.loader.sampler.set_epoch(epoch, start=start_batch * self.loader.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            self.unreadable.add(batch.pop(UNREADABLE, ()))
+            yield batch
+
+
 def build_loader(dataset, transform: PartAwareTransform, *, batch_size: int, seed: int, train: bool,
-                 workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over `dataset` with position-derived order and augmentation.
+                 unreadable: UnreadableImages | None = None, workers: int = 0, pin_memory: bool = False) -> SplitLoader:
+    """A loader over `dataset` with position-derived order and augmentation.
 
     train=True shuffles and drops the last incomplete batch (stable batch statistics); evaluation keeps every
-    sample in order. Call `loader.sampler.set_epoch(epoch)` before each epoch. len(loader) follows the sampler's
-    start position; a full epoch has len(dataset) // batch_size batches in training.
+    sample in order. A full epoch has len(dataset) // batch_size batches in training. `unreadable`: the budget of
+    unreadable images (default: none, the first one stops the loader).
     """
+    if unreadable is None:
+        unreadable = UnreadableImages(getattr(dataset, "split", "dataset"), len(dataset), 0.0)
     sampler = EpochSampler(len(dataset), seed=seed, shuffle=train)
-    return DataLoader(
+    loader = DataLoader(
         AugmentedDataset(dataset, transform, seed=seed),
         batch_size=batch_size,
         sampler=sampler,
@@ -144,3 +181,4 @@ def build_loader(dataset, transform: PartAwareTransform, *, batch_size: int, see
         # must stay exactly as in an uninterrupted run when a run is resumed mid-epoch.
         generator=torch.Generator().manual_seed(seed),
     )
+    return SplitLoader(loader, unreadable)

@@ -30,12 +30,17 @@ from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-from fgvc.data.cub import CUBDataset
+from fgvc.boxes import clip_boxes, to_xywh
+from fgvc.data.cub import CUBAnnotations, CUBDataset
 from fgvc.data.parts import CUB_PART_NAMES
+from fgvc.errors import FGVCError, OutputExists, command
+from fgvc.progress import progress_bar
 
-GENERATOR_VERSION = 1
+# Part of the cache key of generated trees: bump it whenever the files written for a spec change.
+GENERATOR_VERSION = 2
 METADATA_FILE = "synthbirds.json"
 
 # The class-defining part attributes, in CUB's "has_<part>_<property>::<value>" naming.
@@ -199,7 +204,7 @@ def class_attributes(num_classes: int, seed: int) -> list[dict[str, str]]:
     by construction, not by luck.
     """
     if not 1 <= num_classes <= CLASS_CAPACITY:
-        raise ValueError(f"synthbirds supports 1 to {CLASS_CAPACITY} classes, got {num_classes}")
+        raise InvalidSpec(f"synthbirds supports 1 to {CLASS_CAPACITY} classes, got {num_classes}")
     rng = np.random.default_rng([seed, 1])
     sizes = [len(values) for values in CLASS_FACTORS.values()]
     chosen = [tuple(int(rng.integers(n)) for n in sizes)]
@@ -255,7 +260,7 @@ class RenderedBird:
     """
 
     image: np.ndarray  # H x W x 3 uint8
-    bbox: np.ndarray  # (4,) x, y, w, h
+    bbox: np.ndarray  # (4,) x0, y0, x1, y1 (fgvc.boxes)
     parts: np.ndarray  # (15, 3) x, y, visible; invisible parts are (0, 0, 0)
     part_colors: np.ndarray  # (15, 3) the RGB the generator painted at each part's keypoint (before lighting)
     nuisance: dict[str, str]
@@ -439,7 +444,9 @@ def _keypoints(
             continue
         local, color = where[name]
         x, y = place(local)
-        in_frame = -0.5 <= x < size - 0.5 and -0.5 <= y < size - 0.5
+        # Inside the grid of pixel centres, as CUB's visible parts are: the written coordinates (one decimal) stay
+        # in [0, size - 1] too.
+        in_frame = 0 <= x <= size - 1 and 0 <= y <= size - 1
         covered = occluder is not None and math.dist((x, y), occluder[0]) < occluder[1]
         if in_frame and not covered:
             parts[i] = (x, y, 1)
@@ -448,10 +455,9 @@ def _keypoints(
 
 
 def _bounding_box(points: np.ndarray, size: int) -> np.ndarray:
-    """Tight box around the drawn bird (pixel edges), clipped to the frame."""
-    low = np.clip(points.min(0) + 0.5, 0, size)
-    high = np.clip(points.max(0) + 0.5, 0, size)
-    return np.array([low[0], low[1], high[0] - low[0], high[1] - low[1]])
+    """Tight box around the drawn bird's pixel-centre points, in pixel edges, clipped to the frame."""
+    box = torch.from_numpy(np.concatenate([points.min(0), points.max(0)]) + 0.5)
+    return clip_boxes(box, (0, 0, size, size)).numpy()
 
 
 def _light(image: np.ndarray, rng: np.random.Generator, difficulty: float) -> np.ndarray:
@@ -505,7 +511,11 @@ class SynthBirdsSpec:
         if not 1 <= self.num_classes <= CLASS_CAPACITY:
             problems.append(f"num_classes must be in [1, {CLASS_CAPACITY}], got {self.num_classes}")
         if problems:
-            raise ValueError("invalid synthbirds spec: " + "; ".join(problems))
+            raise InvalidSpec("invalid synthbirds spec: " + "; ".join(problems))
+
+
+class InvalidSpec(FGVCError, ValueError):
+    """A synthbirds spec outside what the generator supports; the message names each bad field."""
 
 
 @dataclass
@@ -561,7 +571,7 @@ def generate(out_dir: str | os.PathLike, spec: SynthBirdsSpec, *, workers: int =
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExists(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -596,11 +606,14 @@ def _write_dataset(root: Path, spec: SynthBirdsSpec, workers: int) -> Generation
             labels.append(c + 1)
             is_train.append(k in train_slots)
 
+    bar = progress_bar(len(jobs), "drawing synthbirds", unit="img")
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            drawn = pool.map(_draw_and_save, jobs, chunksize=16)
+            drawn = [_advanced(bar, d) for d in pool.imap(_draw_and_save, jobs, chunksize=16)]
     else:
-        drawn = [_draw_and_save(job) for job in jobs]
+        drawn = [_advanced(bar, _draw_and_save(job)) for job in jobs]
+    if bar is not None:
+        bar.close()
 
     _write_lines(root / "classes.txt", (f"{c + 1} {folder}" for c, folder in enumerate(folders)))
     _write_lines(root / "images.txt", (f"{j.image_id} {j.path.relative_to(root / 'images').as_posix()}" for j in jobs))
@@ -608,7 +621,7 @@ def _write_dataset(root: Path, spec: SynthBirdsSpec, workers: int) -> Generation
                  (f"{j.image_id} {label}" for j, label in zip(jobs, labels, strict=True)))
     _write_lines(root / "train_test_split.txt", (f"{j.image_id} {int(t)}" for j, t in zip(jobs, is_train, strict=True)))
     _write_lines(root / "bounding_boxes.txt",
-                 (f"{d.image_id} " + " ".join(f"{v:.1f}" for v in d.bbox) for d in drawn))
+                 (f"{d.image_id} " + " ".join(f"{v:.1f}" for v in to_xywh(d.bbox)) for d in drawn))
     (root / "parts").mkdir()
     _write_lines(root / "parts" / "parts.txt", (f"{i + 1} {name}" for i, name in enumerate(CUB_PART_NAMES)))
     _write_lines(root / "parts" / "part_locs.txt", (
@@ -630,6 +643,21 @@ def _write_dataset(root: Path, spec: SynthBirdsSpec, workers: int) -> Generation
                 "factor_area_fraction": report.factor_area_fraction}
     (root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return report
+
+
+def _advanced(bar, item):
+    if bar is not None:
+        bar.update()
+    return item
+
+
+def discriminative_part_indices(root: str | os.PathLike, annotations: CUBAnnotations) -> list[list[int]] | None:
+    """discriminative_parts as indices into the tree's part list (what fgvc.engine.localization reads), or None."""
+    by_class = discriminative_parts(root, annotations.classes)
+    if by_class is None or annotations.part_names is None:
+        return None
+    index = {name: i for i, name in enumerate(annotations.part_names)}
+    return [[index[name] for name in names] for names in by_class]
 
 
 def discriminative_parts(root: str | os.PathLike, class_names: Sequence[str]) -> list[list[str]] | None:
@@ -688,7 +716,8 @@ def _write_lines(path: Path, lines) -> None:
             f.write(line + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@command
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fgvc.data.synthbirds", description=__doc__.split("\n\n")[0])
     defaults = SynthBirdsSpec()
     parser.add_argument("--out", required=True, help="folder to create (the CUB_200_2011 root)")
@@ -701,13 +730,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes that draw images (output is identical)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
-    try:
-        spec = SynthBirdsSpec(args.num_classes, args.images_per_class, args.train_fraction, args.image_size,
-                              args.difficulty, args.seed)
-        report = generate(args.out, spec, workers=args.workers, overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as error:
-        parser.exit(2, f"error: {error}\n")
+    spec = SynthBirdsSpec(args.num_classes, args.images_per_class, args.train_fraction, args.image_size,
+                          args.difficulty, args.seed)
+    report = generate(args.out, spec, workers=args.workers, overwrite=args.overwrite)
     print(summarize(args.out, report))
+    return 0
 
 
 def summarize(root: str | os.PathLike, report: GenerationReport) -> str:
@@ -729,4 +756,4 @@ def summarize(root: str | os.PathLike, report: GenerationReport) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from fgvc.errors import FGVCError
+
 FORMAT = "fgvc-checkpoint-1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FGVCError, RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file."""
 
 

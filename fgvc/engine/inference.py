@@ -1,6 +1,6 @@
-"""Using a trained checkpoint: load it with its run's settings, evaluate it on a split (single crop, test-time
-augmentation rows, confusion matrix), and predict single images. Shared by the evaluate, predict and visualize
-CLIs, so all three see exactly the model and preprocessing that training evaluated."""
+"""Using a trained model: evaluate it on a split (single crop, test-time augmentation rows, confusion matrix),
+predict single images, and show where it looks. Shared by the evaluate, predict and visualize CLIs, so all three
+see exactly the model and preprocessing that training evaluated (fgvc.build.load_model)."""
 
 from __future__ import annotations
 
@@ -15,62 +15,17 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from fgvc.config import Config, from_dict
-from fgvc.data import build_dataset
+from fgvc.build import LoadedModel, build_eval_loader, dataset_for, load_model
 from fgvc.data.images import ImageReadError, read_rgb
-from fgvc.data.loader import UnreadableImages
-from fgvc.data.transforms import PartAwareTransform, eval_transform
-from fgvc.engine.checkpoint import load_checkpoint
 from fgvc.engine.localization import meter_for
 from fgvc.engine.logging import echo
-from fgvc.engine.loop import Precision, evaluate
+from fgvc.engine.loop import evaluate
 from fgvc.engine.metrics import ClassificationMeter, most_confused
-from fgvc.engine.trainer import build_eval_loader, resolve_device
 from fgvc.engine.tta import DEFAULT_SCALES, flip_views, multiscale_views, ten_crop_views
-from fgvc.models import FGVCModel, build_model
-from fgvc.models.heads import grad_cam
+from fgvc.errors import OptionError
 
 TTA_KINDS = ("flip", "multiscale", "tencrop")
 SINGLE_CROP = "single crop"
-
-
-@dataclass
-class Trained:
-    """A checkpoint's model in eval mode on its device, with the run's config and class names."""
-
-    model: FGVCModel
-    cfg: Config
-    classes: list[str]
-    device: torch.device
-    precision: Precision
-
-    def transform(self, part_names: Sequence[str] | None = None) -> PartAwareTransform:
-        """The run's evaluation preprocessing; with `part_names`, samples' parts move with the image."""
-        return PartAwareTransform(eval_transform(self.cfg.data.image_size, resize_size=self.cfg.data.resize_size),
-                                  part_names)
-
-    @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The model's inference logits (with the head's own test-time passes) for normalized image tensors."""
-        images = images.to(self.device)
-        if self.cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with self.precision.autocast():
-            return self.model(images)["logits"].float()
-
-
-def load_trained(path: str | os.PathLike, *, device: str = "auto", data_root: str | None = None) -> Trained:
-    checkpoint = load_checkpoint(path)
-    cfg = from_dict(checkpoint["config"])
-    if data_root is not None:
-        cfg.data.root = data_root
-    torch_device = resolve_device(device)
-    model = build_model(cfg.model, len(checkpoint["classes"])).to(torch_device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.load_state_dict(checkpoint["model"])
-    return Trained(model.eval(), cfg, list(checkpoint["classes"]), torch_device,
-                   Precision.from_name(cfg.train.amp, torch_device))
 
 
 @dataclass
@@ -101,30 +56,25 @@ def evaluate_checkpoint(path: str | os.PathLike, *, split: str = "test", data_ro
     (exactly what training's final evaluation computes), then one row per TTA kind in `tta`."""
     unknown = [kind for kind in tta if kind not in TTA_KINDS]
     if unknown:
-        raise ValueError(f"unknown test-time augmentation {', '.join(unknown)}; choose from {', '.join(TTA_KINDS)}")
-    trained = load_trained(path, device=device, data_root=data_root)
-    cfg = trained.cfg
-    if batch_size is not None:
-        cfg.data.eval_batch_size = batch_size
-    dataset = build_dataset(cfg.data, split)
-    if list(dataset.classes) != trained.classes:
-        raise ValueError(f"the {split} data at {cfg.data.root or cfg.data.dataset} has other classes than the ones "
-                         f"{path} was trained on")
-    num_classes = len(dataset.classes)
-    common = {"num_classes": num_classes, "device": trained.device, "precision": trained.precision,
-              "channels_last": cfg.train.channels_last}
-    meter = ClassificationMeter(num_classes, keep_scores=keep_probabilities)
-    rows = {SINGLE_CROP: evaluate(trained.model, build_eval_loader(cfg, dataset), **common,
-                                  localization=meter_for(dataset), meter=meter,
-                                  unreadable=UnreadableImages(split, len(dataset), cfg.data.max_bad_fraction, echo))}
-    views = {"flip": flip_views, "multiscale": multiscale_views(scales), "tencrop": ten_crop_views(cfg.data.image_size)}
+        raise OptionError("tta", f"{', '.join(unknown)} unknown; choose from {', '.join(TTA_KINDS)}")
+    loaded = load_model(path, device=device, data_root=data_root)
+    dataset = dataset_for(loaded, split)
+    cfg, classes = loaded.config, len(dataset.classes)
+
+    def loader(wide: bool = False, silent: bool = False):
+        # TTA passes are silent: the single-crop pass has reported the unreadable images and applied
+        # data.max_bad_fraction already.
+        return build_eval_loader(cfg, dataset, loaded.preprocessing, split=split, wide=wide, silent=silent,
+                                 batch_size=batch_size)
+
+    meter = ClassificationMeter(classes, keep_scores=keep_probabilities)
+    rows = {SINGLE_CROP: evaluate(loaded.model, loader(), loaded.runtime, num_classes=classes,
+                                  localization=meter_for(dataset), meter=meter)}
+    views = {"flip": flip_views, "multiscale": multiscale_views(scales), "tencrop": ten_crop_views(loaded.image_size)}
     names = {"flip": "flip", "multiscale": "multi-scale " + "/".join(f"{s:g}" for s in scales), "tencrop": "ten-crop"}
     for kind in tta:
-        loader = build_eval_loader(cfg, dataset, wide=kind == "tencrop")
-        # The single-crop pass has reported the unreadable images and applied data.max_bad_fraction already.
-        already_reported = UnreadableImages(split, len(dataset), 1.0, echo=lambda _: None)
-        rows[names[kind]] = evaluate(trained.model, loader, **common, views=views[kind], average=average,
-                                     unreadable=already_reported)
+        rows[names[kind]] = evaluate(loaded.model, loader(wide=kind == "tencrop", silent=True), loaded.runtime,
+                                     num_classes=classes, views=views[kind], average=average)
     report = EvaluationReport(str(path), split, len(dataset), rows, meter.confusion, dataset.classes, average)
     if keep_probabilities:
         for index, scores in meter.scores.items():
@@ -172,10 +122,10 @@ def image_files(inputs: Sequence[str | os.PathLike], echo_skipped=echo) -> list[
     return files
 
 
-def predict_files(trained: Trained, paths: Sequence[Path], *, topk: int = 5, batch_size: int = 32) -> list[Prediction]:
+def predict_files(trained: LoadedModel, paths: Sequence[Path], *, topk: int = 5,
+                  batch_size: int = 32) -> list[Prediction]:
     """Top-k classes and probabilities (softmax of the inference logits, single crop, as evaluate computes them)
     for each file, `batch_size` files at a time; an unreadable file gets its reason and does not stop the rest."""
-    transform = trained.transform()
     k = min(topk, len(trained.classes))
     predictions = []
     for start in range(0, len(paths), batch_size):
@@ -187,7 +137,7 @@ def predict_files(trained: Trained, paths: Sequence[Path], *, topk: int = 5, bat
             except ImageReadError as error:
                 prediction.error = error.reason
                 continue
-            images.append(transform({"image": image, "label": 0, "index": 0}, seed=0)["image"])
+            images.append(trained.prepare(image))
         readable = [prediction for prediction in chunk if prediction.error is None]
         if readable:
             top = F.softmax(trained.logits(torch.stack(images)), dim=-1).cpu().topk(k, dim=1)
@@ -208,38 +158,34 @@ class Looked:
 
     maps: list[tuple[str, np.ndarray]]
     predictions: list[tuple[str, float]]
-    crop_box: tuple[float, float, float, float] | None  # x, y, w, h in pixel edges
+    crop_box: tuple[float, float, float, float] | None  # fgvc.boxes: x0, y0, x1, y1
 
 
 @torch.no_grad()
-def where_it_looks(trained: Trained, image: torch.Tensor, *, source: str = "auto", max_maps: int = 12,
+def where_it_looks(trained: LoadedModel, image: torch.Tensor, *, source: str = "auto", max_maps: int = 12,
                    topk: int = 3) -> Looked:
     """Maps for one normalized image (3 x H x W). source "auto": the head's attention maps (the `max_maps` with
     the most mass, and their mean over all maps) or, for heads without attention, its class activation map of the
     top-1 class; "gradcam": Grad-CAM of the top-1 class, whatever the head."""
     if source not in MAP_SOURCES:
-        raise ValueError(f"unknown map source {source!r}; choose from {', '.join(MAP_SOURCES)}")
+        raise OptionError("source", f"{source!r} is unknown; choose from {', '.join(MAP_SOURCES)}")
     model = trained.model
-    images = image[None].to(trained.device)
-    with trained.precision.autocast():
-        features = model.backbone(images)
-        outputs = model.head(features)
-        logits = model.head.refine(model.single_pass, images, outputs)["logits"].float()
-    top = F.softmax(logits, dim=-1)[0].topk(min(topk, len(trained.classes)))
+    images = trained.runtime.images(image[None])
+    with trained.runtime.autocast():
+        features = model.forward_features(images)
+        outputs = model.forward_head(features, images)
+    top = F.softmax(outputs["logits"].float(), dim=-1)[0].topk(min(topk, len(trained.classes)))
     first = top.indices[:1]
     predictions = [(trained.classes[i], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
     if source == "gradcam":
-        maps = [(f"Grad-CAM: {trained.classes[first.item()]}", grad_cam(model.head, features, first)[0])]
+        maps = [(f"Grad-CAM: {trained.classes[first.item()]}", model.grad_cam(features, first)[0])]
     elif "attention_maps" in outputs:
         attention = outputs["attention_maps"][0].float()
         order = attention.sum(dim=(1, 2)).argsort(descending=True)[:max_maps].tolist()
         maps = [(f"attention map {m}", attention[m]) for m in order] + [("mean of all maps", attention.mean(0))]
     else:
-        cam = model.head.class_activation_maps(features, first)[0]
+        cam = model.class_activation_maps(images, first, features=features)[0]
         maps = [(f"class activation: {trained.classes[first.item()]}", cam)]
-    boxes = model.head.test_crop_boxes(outputs, images.shape[-2:])
-    crop_box = None
-    if boxes is not None:
-        x0, y0, x1, y1 = boxes[0].tolist()
-        crop_box = (x0, y0, x1 - x0, y1 - y0)
+    boxes = model.test_crop_boxes(outputs, images.shape[-2:])
+    crop_box = tuple(boxes[0].tolist()) if boxes is not None else None
     return Looked([(title, m.detach().float().cpu().numpy()) for title, m in maps], predictions, crop_box)

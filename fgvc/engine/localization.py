@@ -49,10 +49,10 @@ class LocalizationMeter:
         xy = peaks(maps, size).cpu()
         labels = batch["label"].cpu()
         if "bbox" in batch:
-            box = batch["bbox"].cpu().float()
+            box = batch["bbox"].cpu().float()  # fgvc.boxes: x0, y0, x1, y1 in pixel edges
             centre = xy + 0.5  # pixel k covers [k, k + 1) in the box's edge coordinates
-            inside = ((centre[:, 0] >= box[:, 0]) & (centre[:, 0] <= box[:, 0] + box[:, 2]) &
-                      (centre[:, 1] >= box[:, 1]) & (centre[:, 1] <= box[:, 1] + box[:, 3]))
+            inside = ((centre[:, 0] >= box[:, 0]) & (centre[:, 0] <= box[:, 2]) &
+                      (centre[:, 1] >= box[:, 1]) & (centre[:, 1] <= box[:, 3]))
             self.in_box += int(inside.sum())
             self.boxed += len(inside)
         if self.discriminative_parts is not None and "parts" in batch:
@@ -82,17 +82,8 @@ def localization_line(metrics: dict[str, float]) -> str:
 
 
 def meter_for(dataset) -> LocalizationMeter | None:
-    """A meter for a dataset with boxes or parts (CUB format; boxes alone for Cars and Aircraft), with
-    discriminative parts for synthbirds; None when the dataset has no annotations to localize against."""
-    annotations = getattr(dataset, "annotations", None)
-    if annotations is None:  # not CUB-format: boxes at most (Stanford Cars, FGVC-Aircraft)
-        return LocalizationMeter() if getattr(dataset, "bboxes", None) is not None else None
-    if annotations.bboxes is None and annotations.parts is None:
+    """A meter for a dataset with boxes or with the parts that discriminate each class (the dataset knows them:
+    synthbirds does); None when the dataset has nothing to localize against."""
+    if not dataset.has_boxes and dataset.discriminative_parts is None:
         return None
-    from fgvc.data.synthbirds import discriminative_parts  # the generator module, only when needed
-
-    by_class = discriminative_parts(annotations.root, annotations.classes)
-    if by_class is None or annotations.part_names is None:
-        return LocalizationMeter()
-    index = {name: i for i, name in enumerate(annotations.part_names)}
-    return LocalizationMeter([[index[name] for name in names] for names in by_class])
+    return LocalizationMeter(dataset.discriminative_parts)

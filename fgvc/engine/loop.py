@@ -12,12 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fgvc.data.loader import UNREADABLE, TooManyUnreadableImages, UnreadableImages
+from fgvc.data.loader import SplitLoader
 from fgvc.engine.localization import LocalizationMeter, localization_maps
 from fgvc.engine.metrics import ClassificationMeter
 from fgvc.engine.tta import View, average_views
+from fgvc.errors import FGVCError, OptionError
 from fgvc.mixing import Mixer
 from fgvc.models import FGVCModel
+
+AMP_MODES = ("none", "bf16", "fp16")
 
 
 @dataclass
@@ -32,83 +35,107 @@ class TrainState:
 
 
 @dataclass
-class Precision:
-    """Mixed precision: autocast dtype (None: fp32) and, for fp16, a gradient scaler."""
+class Runtime:
+    """Where and how the model computes: the device, the autocast dtype (None: fp32), channels-last inputs."""
 
-    device_type: str
-    dtype: torch.dtype | None = None
-    scaler: torch.amp.GradScaler | None = None
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
 
     @classmethod
-    def from_name(cls, name: str, device: torch.device) -> Precision:
-        if name == "none":
-            return cls(device.type)
-        if name == "bf16":
-            return cls(device.type, torch.bfloat16)
-        if name == "fp16":
-            if device.type != "cuda":
-                raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 on the CPU")
-            return cls(device.type, torch.float16, torch.amp.GradScaler("cuda"))
-        raise ValueError(f"train.amp must be none, bf16 or fp16, got {name!r}")
+    def create(cls, device: torch.device, amp: str = "none", channels_last: bool = False) -> Runtime:
+        if amp not in AMP_MODES:
+            raise OptionError("amp", f"{amp!r} is unknown; choose one of {', '.join(AMP_MODES)}")
+        if amp == "fp16" and device.type != "cuda":
+            raise OptionError("amp", "fp16 needs a CUDA device; use bf16 on the CPU")
+        dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        return cls(device, dtype, channels_last)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
+        if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def batch(self, batch: dict) -> dict:
+        moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        moved["image"] = self.images(moved["image"])
+        return moved
 
 
-def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
-    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if channels_last:
-        moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
-    return moved
+@dataclass
+class Optimization:
+    """How gradients become steps: the optimizer and its per-step schedule, gradients of `grad_accum` batches
+    summed per step, and for fp16 a gradient scaler."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    grad_accum: int = 1
+    scaler: torch.amp.GradScaler | None = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
 
-def train_one_epoch(
-    model: FGVCModel,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: Iterable[dict],
-    state: TrainState,
-    *,
-    batches_in_epoch: int,
-    device: torch.device,
-    precision: Precision,
-    grad_accum: int = 1,
-    channels_last: bool = False,
-    after_step: Callable[[TrainState, Callable[[], dict[str, float]]], bool] = lambda state, stats: False,
-    unreadable: UnreadableImages | None = None,
-    mixer: Mixer | None = None,
-) -> dict[str, float] | None:
-    """Train from batch `state.batch` of `state.epoch` to the end of the epoch.
+class NonFiniteLoss(FGVCError, FloatingPointError):
+    """A training loss that is NaN or infinite: training stops there instead of carrying NaN weights onward."""
+
+    def __init__(self, state: TrainState, losses: dict[str, torch.Tensor]) -> None:
+        terms = ", ".join(f"{name} {float(value.detach()):.4g}" for name, value in losses.items())
+        super().__init__(f"the training loss is not finite at step {state.step + 1} (epoch {state.epoch + 1}, "
+                         f"batch {state.batch + 1}): {terms}")
+        self.step = state.step + 1
+
+
+AfterStep = Callable[[TrainState, Callable[[], dict[str, float]]], bool]
+
+
+def train_one_epoch(model: FGVCModel, criterion: nn.Module, optimization: Optimization, loader: Iterable[dict],
+                    runtime: Runtime, state: TrainState, *, mixer: Mixer | None = None,
+                    after_step: AfterStep | None = None) -> dict[str, float] | None:
+    """Train from batch `state.batch` of `state.epoch` to the end of the epoch (`loader` yields what is left).
 
     `after_step(state, stats)` runs after every optimizer step; `stats()` gives the running loss, accuracy,
     images/s and lr (it synchronizes with the device, so call it only when logging). `after_step` returns True to
-    stop early (the caller checkpoints). Returns the epoch's statistics, or None if stopped.
-    Gradients of `grad_accum` batches are summed per step; the epoch's last step averages over the batches left.
-    Unreadable images arrive left out of their batch and are counted by `unreadable`, which stops the run when
-    there are too many; a batch with no readable image still counts as a batch, so the schedule is unchanged.
-    `mixer` (fgvc.mixing) mixes each batch before the step, with draws that depend on the batch's position.
+    stop early (the caller checkpoints). Returns the epoch's statistics, or None if stopped. Gradients of
+    `optimization.grad_accum` batches are summed per step; the epoch's last step averages over the batches left. A
+    batch with no readable image ({}) still counts as a batch, so the schedule is unchanged. `mixer`
+    (fgvc.mixing) mixes each batch before the step, with draws that depend on the batch's position. A non-finite
+    loss raises NonFiniteLoss before its backward pass, so no step is taken from it.
     """
     model.train()
-    totals = torch.zeros(3, device=device)  # loss x images, correct, images -- summed on device, read rarely
+    batches_in_epoch = state.batch + len(loader)
+    grad_accum = optimization.grad_accum
+    totals = torch.zeros(3, device=runtime.device)  # loss x images, correct, images -- summed on device, read rarely
     start = time.perf_counter()
     for batch in loader:
-        _count_unreadable(batch, unreadable)
         group_start = state.batch - state.batch % grad_accum
         group_size = min(grad_accum, batches_in_epoch - group_start)
         if "image" in batch:
-            batch = to_device(batch, device, channels_last)
+            batch = runtime.batch(batch)
             if mixer is not None:
                 batch = mixer(batch, model, epoch=state.epoch, index=state.batch)
-            with precision.autocast():
+            with runtime.autocast():
                 outputs, losses = model.training_step(batch, criterion)
-            loss = losses["loss"] / group_size
-            if precision.scaler is not None:
-                precision.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            if not torch.isfinite(losses["loss"]):
+                raise NonFiniteLoss(state, losses)
+            optimization.backward(losses["loss"] / group_size)
             with torch.no_grad():
                 n = batch["label"].shape[0]
                 correct = (outputs["logits"].argmax(dim=1) == batch["label"]).sum()
@@ -116,56 +143,37 @@ def train_one_epoch(
         state.batch += 1
         if state.batch - group_start < group_size:
             continue
-        if precision.scaler is not None:
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        optimization.step()
         state.step += 1
-        if after_step(state, functools.partial(_stats, totals, start, optimizer)):
+        if after_step is not None and after_step(state, functools.partial(_stats, totals, start, optimization)):
             return None
-    return _stats(totals, start, optimizer)
+    return _stats(totals, start, optimization)
 
 
-def _count_unreadable(batch: dict, unreadable: UnreadableImages | None) -> None:
-    reports = batch.pop(UNREADABLE, ())
-    if reports and unreadable is None:
-        raise TooManyUnreadableImages(f"unreadable images: {reports}")
-    if unreadable is not None:
-        unreadable.add(reports)
-
-
-def _stats(totals: torch.Tensor, start: float, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+def _stats(totals: torch.Tensor, start: float, optimization: Optimization) -> dict[str, float]:
     loss_sum, correct, images = totals.tolist()
     images = max(images, 1.0)
     return {"loss": loss_sum / images, "top1": 100.0 * correct / images,
-            "images_per_s": images / (time.perf_counter() - start), "lr": optimizer.param_groups[0]["lr"]}
+            "images_per_s": images / (time.perf_counter() - start), "lr": optimization.lr}
 
 
 @torch.no_grad()
-def evaluate(model: FGVCModel, loader: Iterable[dict], *, num_classes: int, device: torch.device,
-             precision: Precision, channels_last: bool = False,
-             localization: LocalizationMeter | None = None,
-             unreadable: UnreadableImages | None = None,
-             views: View | None = None, average: str = "probs",
+def evaluate(model: FGVCModel, loader: Iterable[dict], runtime: Runtime, *, num_classes: int,
+             localization: LocalizationMeter | None = None, views: View | None = None, average: str = "probs",
              meter: ClassificationMeter | None = None) -> dict[str, float]:
     """Top-1, top-5 and per-class accuracy over the whole loader (with the head's test-time passes, if any), and
     the localization metrics when a meter is given.
 
     views: test-time augmentation (fgvc.engine.tta): the model's logits on each view of a batch are averaged as
     `average` says; None is the single crop. `meter` (optional) keeps the predictions, e.g. for the confusion
-    matrix. Unreadable images are left out and counted by `unreadable`; the result then says how many
-    ("excluded_images")."""
+    matrix. Images a SplitLoader left out as unreadable are counted in the result ("excluded_images")."""
     model.eval()
     meter = meter if meter is not None else ClassificationMeter(num_classes)
     for batch in loader:
-        _count_unreadable(batch, unreadable)
         if "image" not in batch:
             continue
-        batch = to_device(batch, device, channels_last)
-        with precision.autocast():
+        batch = runtime.batch(batch)
+        with runtime.autocast():
             if views is None:
                 outputs = model(batch["image"])
                 scores = outputs["logits"]
@@ -175,6 +183,6 @@ def evaluate(model: FGVCModel, loader: Iterable[dict], *, num_classes: int, devi
                 scores = average_views([model(view)["logits"] for view in views(batch["image"])], average)
         meter.update(scores, batch["label"], batch["index"])
     metrics = meter.compute() | (localization.compute() if localization is not None else {})
-    if unreadable is not None:
-        metrics["excluded_images"] = len(unreadable.reasons)
+    if isinstance(loader, SplitLoader):
+        metrics["excluded_images"] = len(loader.unreadable.reasons)
     return metrics

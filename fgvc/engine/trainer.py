@@ -1,11 +1,12 @@
-"""A whole run: build everything from the config, train with validation-based model selection, resume exactly,
-and evaluate the selected model once on the test split."""
+"""A whole run: train with validation-based model selection, resume exactly, and evaluate the selected model once on
+the test split. What to train comes from the build layer (fgvc.build); this module only orchestrates."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,21 +21,20 @@ import numpy as np
 import torch
 
 import fgvc
+from fgvc.build import Training, build_training
 from fgvc.config import Config, to_dict, to_yaml
-from fgvc.data import build_dataset
-from fgvc.data.loader import UnreadableImages, build_loader
-from fgvc.data.transforms import PartAwareTransform, eval_transform, train_transform
 from fgvc.engine.checkpoint import load_checkpoint, save_checkpoint
 from fgvc.engine.localization import meter_for
-from fgvc.engine.logging import MetricsLog, echo, progress_line
-from fgvc.engine.loop import Precision, TrainState, evaluate, train_one_epoch
-from fgvc.engine.optim import build_optimizer, build_scheduler
-from fgvc.losses import LabelSmoothingCrossEntropy
-from fgvc.mixing import Mixer
-from fgvc.models import build_model
+from fgvc.engine.logging import MetricsLog, TrainingProgress, dumps, echo
+from fgvc.engine.loop import NonFiniteLoss, TrainState, evaluate, train_one_epoch
+from fgvc.errors import FGVCError, OutputExists
 
 CONFIG_FILE, META_FILE, RESULTS_FILE = "config.yaml", "meta.json", "results.json"
 LAST, BEST = "last.pt", "best.pt"
+
+
+class RunError(FGVCError, RuntimeError):
+    """A run that cannot start or continue: its folder, or training that diverged."""
 
 
 @dataclass
@@ -47,142 +47,158 @@ class RunResult:
     seconds: float = 0.0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but CUDA is not available")
-    return device
-
-
-def build_eval_loader(cfg: Config, dataset, *, wide: bool = False):
-    """The evaluation loader (wide: the resized centre square instead of the crop, for ten-crop TTA)."""
-    transform = PartAwareTransform(eval_transform(cfg.data.image_size, resize_size=cfg.data.resize_size, wide=wide),
-                                   dataset.part_names)
-    return build_loader(dataset, transform, batch_size=cfg.data.eval_batch_size or 2 * cfg.data.batch_size,
-                        seed=cfg.train.seed, train=False, workers=cfg.data.workers)
-
-
 def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps: int | None = None) -> RunResult:
     """Train as `cfg` says. With `resume_dir`, continue that run from its `last` checkpoint (cfg must be the run's
-    saved config). `stop_after_steps` stops (and checkpoints) after that many optimizer steps in total, as an
-    interruption would."""
+    saved config); a run that died before its first checkpoint starts over in its folder. `stop_after_steps` stops
+    (and checkpoints) after that many optimizer steps in total, as an interruption would."""
     start = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    torch.use_deterministic_algorithms(cfg.train.deterministic)
-    _seed_everything(cfg.train.seed)
-    run_dir = Path(resume_dir) if resume_dir is not None else create_run_dir(cfg)
-
-    datasets = {"train": build_dataset(cfg.data, "train"), "test": build_dataset(cfg.data, "test")}
-    if cfg.data.val_fraction > 0:
-        datasets["val"] = build_dataset(cfg.data, "val")
-    train_set = datasets["train"]
-    num_classes = len(train_set.classes)
-    train_loader = build_loader(
-        train_set,
-        PartAwareTransform(train_transform(cfg.data.image_size, resize_size=cfg.data.resize_size, crop=cfg.data.crop,
-                                           crop_scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
-                                           color_jitter=cfg.data.color_jitter), train_set.part_names),
-        batch_size=cfg.data.batch_size, seed=cfg.train.seed, train=True, workers=cfg.data.workers,
-        pin_memory=device.type == "cuda")
-    batches_in_epoch = len(train_set) // cfg.data.batch_size  # the loader drops the last incomplete batch
-    if batches_in_epoch == 0:
-        raise ValueError(f"the train split has {len(train_set)} images, fewer than data.batch_size="
-                         f"{cfg.data.batch_size}")
-    steps_per_epoch = -(-batches_in_epoch // cfg.train.grad_accum)
-
-    model = build_model(cfg.model, num_classes).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch)
-    precision = Precision.from_name(cfg.train.amp, device)
-    criterion = LabelSmoothingCrossEntropy(cfg.regularization.label_smoothing)
-    mixer = Mixer(cfg.regularization, num_classes, cfg.train.seed)
+    setup = build_training(cfg)
+    run_dir = create_run_dir(setup.run_dir, setup.config) if resume_dir is None else Path(resume_dir)
     state = TrainState()
     if resume_dir is not None:
-        _restore(load_checkpoint(run_dir / LAST), model, optimizer, scheduler, precision, state)
-        echo(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch}, step {state.step}")
-    if cfg.train.compile:  # in place, so that every pass a method makes (training_step, refine) is compiled
-        model.backbone.compile()
-        model.head.compile()
-
-    unreadable = {split: UnreadableImages(split, len(dataset), cfg.data.max_bad_fraction, echo)
-                  for split, dataset in datasets.items()}
-    # Built once, so its persistent workers serve every epoch's validation.
-    val_loader = build_eval_loader(cfg, datasets["val"]) if "val" in datasets else None
+        _resume(run_dir, setup, state)
+    if setup.compile:
+        setup.model.compile()
     log = MetricsLog(run_dir)
-    stop = _StopRequest(stop_after_steps)
-
-    def checkpoint_last() -> None:
-        save_checkpoint(run_dir / LAST, _training_state(cfg, model, optimizer, scheduler, precision, state,
-                                                        train_set.classes))
-
-    def after_step(state: TrainState, running) -> bool:
-        if state.step % cfg.train.log_every == 0:
-            stats = running()
-            log.write("train", state.step, epoch=state.epoch, **stats)
-            echo(progress_line(state.epoch, cfg.schedule.epochs, state.batch, batches_in_epoch, stats))
-        if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-            checkpoint_last()
-        return stop.requested(state.step)
-
-    with stop.on_signals():
-        while state.epoch < cfg.schedule.epochs:
-            train_loader.sampler.set_epoch(state.epoch, start=state.batch * cfg.data.batch_size)
-            stats = train_one_epoch(model, criterion, optimizer, scheduler, train_loader, state,
-                                    batches_in_epoch=batches_in_epoch, device=device, precision=precision,
-                                    grad_accum=cfg.train.grad_accum, channels_last=cfg.train.channels_last,
-                                    after_step=after_step, unreadable=unreadable["train"],
-                                    mixer=mixer if mixer.enabled else None)
-            if stats is None:
-                checkpoint_last()
-                log.close()
-                echo(f"stopped at step {state.step}; continue with: python -m fgvc.train --resume {run_dir}")
-                return RunResult(run_dir, completed=False, seconds=time.perf_counter() - start)
-            record = {"epoch": state.epoch, "train": stats}
-            if val_loader is not None:
-                val = evaluate(model, val_loader, num_classes=num_classes, device=device,
-                               precision=precision, channels_last=cfg.train.channels_last,
-                               unreadable=unreadable["val"])
-                record["val"] = val
-                echo(f"epoch {state.epoch + 1}/{cfg.schedule.epochs} val top-1 {val['top1']:.2f}%")
-            state.epoch, state.batch = state.epoch + 1, 0
-            # Select on validation (never on test); without a validation split the last epoch is the result.
-            score = record["val"]["top1"] if "val" in record else float(state.epoch)
-            if score > state.best_top1:
-                state.best_top1, state.best_epoch = score, state.epoch
-                save_checkpoint(run_dir / BEST, {"model": model.state_dict(), "config": to_dict(cfg),
-                                                 "classes": train_set.classes, "epoch": state.epoch,
-                                                 "val": record.get("val")})
-            log.write("epoch", state.step, **record)
-            checkpoint_last()
-
-    best = load_checkpoint(run_dir / BEST, map_location=device)
-    model.load_state_dict(best["model"])
-    test = evaluate(model, build_eval_loader(cfg, datasets["test"]), num_classes=num_classes, device=device,
-                    precision=precision, channels_last=cfg.train.channels_last,
-                    localization=meter_for(datasets["test"]), unreadable=unreadable["test"])
+    run = _Run(setup, run_dir, log, state, _StopRequest(stop_after_steps))
+    try:
+        with run.stop.on_signals():
+            completed = run.epochs()
+    except NonFiniteLoss as error:
+        log.close()
+        raise RunError(f"{error}; {run.kept_checkpoint()}, and no checkpoint of non-finite weights was written. "
+                       "Lower optim.lr, or look for broken inputs") from None
+    if not completed:
+        log.close()
+        echo(f"stopped at step {state.step}; continue with: python -m fgvc.train --resume {run_dir}")
+        return RunResult(run_dir, completed=False, seconds=time.perf_counter() - start)
+    best = load_checkpoint(run_dir / BEST, map_location=setup.runtime.device)
+    setup.model.load_state_dict(best["model"])
+    test = evaluate(setup.model, setup.test_loader, setup.runtime, num_classes=len(setup.classes),
+                    localization=meter_for(setup.test_loader.dataset))
     result = RunResult(run_dir, completed=True, val=best["val"], test=test, best_epoch=best["epoch"],
                        seconds=time.perf_counter() - start)
     log.write("test", state.step, checkpoint=BEST, best_epoch=best["epoch"], **test)
     log.close()
-    (run_dir / RESULTS_FILE).write_text(json.dumps(
+    (run_dir / RESULTS_FILE).write_text(dumps(
         {"checkpoint": BEST, "best_epoch": best["epoch"], "val": best["val"], "test": test,
          "seconds": round(result.seconds, 1)}, indent=2) + "\n")
     return result
 
 
-def create_run_dir(cfg: Config) -> Path:
-    name = cfg.run_name or (f"{cfg.data.dataset}-{cfg.model.backbone}-{cfg.model.head}-"
-                            f"{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    run_dir = Path(cfg.output_dir).expanduser() / name
+@dataclass
+class _Run:
+    """The epoch loop of one run: validation, model selection, checkpoints, logs and progress."""
+
+    setup: Training
+    run_dir: Path
+    log: MetricsLog
+    state: TrainState
+    stop: _StopRequest
+
+    def __post_init__(self) -> None:
+        batches, grad_accum = self.setup.train_loader.batches_per_epoch, self.setup.optimization.grad_accum
+        self.progress = TrainingProgress(self.setup.epochs, batches, -(-batches // grad_accum), self.setup.log_every)
+
+    def epochs(self) -> bool:
+        """Train the remaining epochs; False when stopped early (after checkpointing)."""
+        setup, state = self.setup, self.state
+        while state.epoch < setup.epochs:
+            setup.train_loader.set_epoch(state.epoch, start_batch=state.batch)
+            self.progress.start_epoch(state.epoch, -(-state.batch // setup.optimization.grad_accum))
+            try:
+                stats = train_one_epoch(setup.model, setup.criterion, setup.optimization, setup.train_loader,
+                                        setup.runtime, state, mixer=setup.mixer, after_step=self.after_step)
+            finally:
+                self.progress.end_epoch()
+            if stats is None:
+                self.checkpoint_last()
+                return False
+            self.end_epoch(stats)
+        return True
+
+    def after_step(self, state: TrainState, running) -> bool:
+        logging = state.step % self.setup.log_every == 0
+        stats = running() if logging else None
+        if logging:
+            self.log.write("train", state.step, epoch=state.epoch, **stats)
+        self.progress.step(state.epoch, state.batch, stats)
+        if self.setup.checkpoint_every and state.step % self.setup.checkpoint_every == 0:
+            self.checkpoint_last()
+        return self.stop.requested(state.step)
+
+    def end_epoch(self, stats: dict[str, float]) -> None:
+        setup, state = self.setup, self.state
+        record = {"epoch": state.epoch, "train": stats}
+        if setup.val_loader is not None:
+            record["val"] = evaluate(setup.model, setup.val_loader, setup.runtime, num_classes=len(setup.classes))
+            echo(f"epoch {state.epoch + 1}/{setup.epochs} val top-1 {record['val']['top1']:.2f}%")
+        state.epoch, state.batch = state.epoch + 1, 0
+        # Select on validation (never on test); without a validation split the last epoch is the result.
+        score = record["val"]["top1"] if "val" in record else float(state.epoch)
+        if score > state.best_top1:
+            state.best_top1, state.best_epoch = score, state.epoch
+            self.save(BEST, {"model": setup.model.state_dict(), "config": to_dict(setup.config),
+                             "classes": setup.classes, "epoch": state.epoch, "val": record.get("val")})
+        self.log.write("epoch", state.step, **record)
+        self.checkpoint_last()
+
+    def checkpoint_last(self) -> None:
+        setup = self.setup
+        optimization = setup.optimization
+        self.save(LAST, {"model": setup.model.state_dict(), "optimizer": optimization.optimizer.state_dict(),
+                         "scheduler": optimization.scheduler.state_dict(),
+                         "scaler": optimization.scaler.state_dict() if optimization.scaler is not None else None,
+                         "state": asdict(self.state), "rng": _rng_state(), "config": to_dict(setup.config),
+                         "classes": setup.classes})
+
+    def save(self, name: str, payload: dict) -> None:
+        """Write a checkpoint, refusing weights that are no longer finite (the loss may still have been)."""
+        bad = [key for key, value in payload["model"].items()
+               if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad:
+            raise RunError(f"the weights are not finite after step {self.state.step} ({', '.join(bad[:3])}"
+                           f"{', ...' if len(bad) > 3 else ''}) although the loss was; {self.kept_checkpoint()}, "
+                           f"and {name} was not written. Lower optim.lr")
+        save_checkpoint(self.run_dir / name, payload)
+
+    def kept_checkpoint(self) -> str:
+        last = self.run_dir / LAST
+        if not last.is_file():
+            return "no checkpoint had been written yet"
+        saved = load_checkpoint(last)["state"]
+        return f"the last good checkpoint, {last} (step {saved['step']}), is kept"
+
+
+def _resume(run_dir: Path, setup: Training, state: TrainState) -> None:
+    """Restore `last`; a run folder without one (the run died before its first checkpoint) starts over."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise RunError(f"{run_dir} is not a run folder: it has no {CONFIG_FILE}")
+    if not (run_dir / LAST).is_file():
+        echo(f"{run_dir} has no {LAST}: the run stopped before its first checkpoint; starting it over from its "
+             f"saved {CONFIG_FILE}")
+        for partial in ("metrics.jsonl", BEST, RESULTS_FILE, "tensorboard"):
+            path = run_dir / partial
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return
+    checkpoint = load_checkpoint(run_dir / LAST)
+    optimization = setup.optimization
+    setup.model.load_state_dict(checkpoint["model"])
+    optimization.optimizer.load_state_dict(checkpoint["optimizer"])
+    optimization.scheduler.load_state_dict(checkpoint["scheduler"])
+    if optimization.scaler is not None:
+        optimization.scaler.load_state_dict(checkpoint["scaler"])
+    for key, value in checkpoint["state"].items():
+        setattr(state, key, value)
+    _set_rng_state(checkpoint["rng"])
+    echo(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch}, step {state.step}")
+
+
+def create_run_dir(run_dir: Path, cfg: Config) -> Path:
+    """A new run folder with the resolved config and where it came from; an existing non-empty folder is refused."""
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run folder {run_dir} already exists and is not empty; choose another run_name, "
-                              "or continue it with --resume")
+        raise OutputExists(f"run folder {run_dir} already exists and is not empty; choose another run_name, or "
+                           f"continue it with: python -m fgvc.train --resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
     meta = {"git_commit": _git_commit(), "fgvc": fgvc.__version__, "torch": torch.__version__,
@@ -204,12 +220,6 @@ def _git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _rng_state() -> dict:
     numpy_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()),
@@ -229,23 +239,6 @@ def _set_rng_state(state: dict) -> None:
                          n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _training_state(cfg, model, optimizer, scheduler, precision, state, classes) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": precision.scaler.state_dict() if precision.scaler is not None else None,
-            "state": asdict(state), "rng": _rng_state(), "config": to_dict(cfg), "classes": classes}
-
-
-def _restore(checkpoint: dict, model, optimizer, scheduler, precision, state: TrainState) -> None:
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    if precision.scaler is not None:
-        precision.scaler.load_state_dict(checkpoint["scaler"])
-    for key, value in checkpoint["state"].items():
-        setattr(state, key, value)
-    _set_rng_state(checkpoint["rng"])
 
 
 class _StopRequest:

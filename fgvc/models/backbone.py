@@ -2,82 +2,157 @@
 
 from __future__ import annotations
 
-import math
+import difflib
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
-from fgvc.config import ModelConfig
+from fgvc.errors import FGVCError, OptionError
+
+
+class BackboneError(FGVCError, ValueError):
+    """A backbone that cannot be built as asked: an unknown name, arguments it does not take, weights that cannot
+    be had."""
 
 
 class Backbone(nn.Module):
     """A timm model without its classifier. forward() gives B x C x H x W features: CNNs as they are, NHWC models
     (Swin) permuted, and ViT-style token sequences with the class/register tokens dropped and the patch tokens laid
-    back on their grid, so every head sees positions the same way."""
+    back on their grid (non-square grids included), so every head sees positions the same way."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        # A features_only model (model.feature_stage) returns a list of stage outputs: the last one is pooled.
+        # A features_only model (feature_stage) returns a list of stage outputs: the last one is pooled.
         self.stage_output = hasattr(model, "feature_info") and not hasattr(model, "forward_features")
         self.num_features = model.feature_info.channels()[-1] if self.stage_output else model.num_features
         self.channels_last_output = getattr(model, "output_fmt", "NCHW") == "NHWC"
         self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
 
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's description of the weights: input size, mean, std, interpolation, ..."""
+        return dict(getattr(self.model, "pretrained_cfg", None) or {})
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.model(images)[-1] if self.stage_output else self.model.forward_features(images)
         if features.ndim == 3:
             tokens = features[:, self.num_prefix_tokens :]
-            side = math.isqrt(tokens.shape[1])
-            if side * side != tokens.shape[1]:
-                raise ValueError(f"cannot lay {tokens.shape[1]} patch tokens on a square grid; use a square input")
-            return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+            height, width = self.token_grid(images.shape[-2:], tokens.shape[1])
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
         if self.channels_last_output:
             return features.permute(0, 3, 1, 2)
         return features
 
+    def token_grid(self, image_size: tuple[int, int], count: int) -> tuple[int, int]:
+        """The (rows, columns) of patch tokens for an input of `image_size`, from the model's patch embedding."""
+        patch_embed = getattr(self.model, "patch_embed", None)
+        if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
+            grid = tuple(patch_embed.dynamic_feat_size(tuple(image_size)))
+        else:
+            grid = tuple(getattr(patch_embed, "grid_size", ()))
+        if len(grid) != 2 or grid[0] * grid[1] != count:
+            raise BackboneError(f"cannot lay {count} patch tokens of a {tuple(image_size)} input on a grid "
+                                f"({grid or 'no patch grid known'})")
+        return grid
 
-# timm.create_model arguments that fgvc sets from its own config keys; model.backbone_args may not override them.
-MANAGED_ARGS = {"num_classes": "the head", "features_only": "model.feature_stage", "out_indices": "model.feature_stage",
-                "pretrained": "model.pretrained", "pretrained_cfg_overlay": "model.pretrained_file",
-                "drop_path_rate": "model.drop_path_rate", "output_stride": "model.output_stride"}
+
+# timm.create_model arguments that fgvc sets from options of its own; backbone_args may not override them.
+MANAGED_ARGS = {"num_classes": "the head's num_classes", "features_only": "`feature_stage`",
+                "out_indices": "`feature_stage`", "pretrained": "`pretrained`",
+                "pretrained_cfg_overlay": "`pretrained_file`", "drop_path_rate": "`drop_path_rate`",
+                "output_stride": "`output_stride`", "img_size": "the input size (data.image_size)"}
 
 
-def create_backbone(cfg: ModelConfig) -> Backbone:
-    """timm.create_model without a classifier; weights from the hub (`pretrained`) or a local file, offline."""
-    for name in cfg.backbone_args:
-        if name in MANAGED_ARGS:
-            raise ValueError(f"model.backbone_args.{name} is set by {MANAGED_ARGS[name]}; use that instead")
-    kwargs: dict = {**cfg.backbone_args, "num_classes": 0}
-    if cfg.feature_stage is not None:  # timm builds the network only up to that stage
-        kwargs.update(features_only=True, out_indices=(cfg.feature_stage,))
-    if cfg.drop_path_rate > 0:
-        kwargs["drop_path_rate"] = cfg.drop_path_rate
-    if cfg.output_stride is not None:
-        kwargs["output_stride"] = cfg.output_stride
-    if cfg.pretrained_file is not None:
-        path = Path(cfg.pretrained_file).expanduser()
+def create_backbone(name: str, *, pretrained: bool = False, pretrained_file: str | None = None,
+                    output_stride: int | None = None, feature_stage: int | None = None, drop_path_rate: float = 0.0,
+                    image_size: int | None = None, backbone_args: dict[str, Any] | None = None) -> Backbone:
+    """timm.create_model(name) without a classifier.
+
+    pretrained: weights from the timm / Hugging Face hub; pretrained_file: a local safetensors or state-dict file
+    (offline). output_stride: the final feature map's stride, for CNNs that take timm's output_stride (later stages
+    dilated instead of downsampled); a ViT accepts its own patch stride. feature_stage: pool this index of timm's
+    feature_info instead of the final features (later stages are not built). image_size: the input size of
+    backbones made for one (ViT, DeiT, Swin, EVA, ...): timm sizes the position embeddings for it and resamples
+    pretrained ones. backbone_args: further timm.create_model keyword arguments (timm's --model-kwargs).
+    """
+    backbone_args = dict(backbone_args or {})
+    for arg in backbone_args:
+        if arg in MANAGED_ARGS:
+            raise OptionError("backbone_args", f"may not set {arg}: use {MANAGED_ARGS[arg]}")
+    check_backbone_name(name)
+    kwargs: dict[str, Any] = {**backbone_args, "num_classes": 0}
+    if feature_stage is not None:  # timm builds the network only up to that stage
+        kwargs.update(features_only=True, out_indices=(feature_stage,))
+    if drop_path_rate > 0:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if image_size is not None and takes_image_size(name):
+        kwargs["img_size"] = image_size
+    if pretrained_file is not None:
+        path = Path(pretrained_file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"model.pretrained_file: {path} does not exist")
+            raise OptionError("pretrained_file", f"{path} does not exist")
         # timm's own pretrained loader reads the file (safetensors or a torch state dict, weights only) and drops the
         # classifier weights that do not fit num_classes=0.
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-    elif cfg.pretrained:
+    elif pretrained:
         kwargs["pretrained"] = True
+    if output_stride is None:
+        return Backbone(_create(name, kwargs, backbone_args))
     try:
-        model = timm.create_model(cfg.backbone, **kwargs)
-    except (TypeError, AssertionError) as error:  # an argument the architecture does not take (VGG asserts)
-        if cfg.output_stride is None and not cfg.backbone_args:
+        return Backbone(_create(name, {**kwargs, "output_stride": output_stride}, backbone_args))
+    except (TypeError, AssertionError) as error:  # an architecture without output_stride (ViT), or VGG's assertion
+        refusal = str(error) or "refused by an assertion"
+    if "output_stride" in refusal:  # no such argument: the architecture's own stride may be the one asked for
+        backbone = Backbone(_create(name, kwargs, backbone_args))
+        if own_stride(backbone) == output_stride:
+            return backbone
+        refusal = f"its features have stride {own_stride(backbone)}"
+    elif backbone_args:
+        raise OptionError("backbone_args", f"{backbone_args} or `output_stride` {output_stride} not taken by {name} "
+                                           f"({refusal})")
+    raise OptionError("output_stride", f"{output_stride} is not possible for {name} ({refusal}); null keeps the "
+                                       "architecture's own (ViT-style backbones, VGG and Inception need null)")
+
+
+def _create(name: str, kwargs: dict[str, Any], backbone_args: dict[str, Any]) -> nn.Module:
+    """timm.create_model, with the hub's failures and refused backbone_args as FGVCErrors."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except OSError as error:  # huggingface_hub or urllib could not reach the hub, or it has no such file
+        detail = str(error).splitlines()[0] if str(error) else "no details"
+        raise OptionError("pretrained", f"cannot fetch the weights of {name} from the hub ({type(error).__name__}: "
+                                        f"{detail}); offline, point `pretrained_file` at a local copy") from None
+    except (TypeError, AssertionError) as error:
+        if "output_stride" in kwargs or not backbone_args:
             raise
-        reason = str(error) or "refused by an assertion"
-        raise ValueError(f"{cfg.backbone} does not take model.output_stride={cfg.output_stride} or model.backbone_args="
-                         f"{cfg.backbone_args} ({reason}); ViT-style backbones, VGG and Inception need "
-                         "model.output_stride=null") from None
-    except RuntimeError as error:
-        if "Unknown model" in str(error):
-            close = timm.list_models(f"*{cfg.backbone.split('_')[0]}*")[:8]
-            raise ValueError(f"model.backbone: {error}; similar timm names: {', '.join(close)}") from None
-        raise
-    return Backbone(model)
+        raise OptionError("backbone_args", f"{backbone_args} not taken by {name} "
+                                           f"({error or 'refused by an assertion'})") from None
+
+
+def check_backbone_name(name: str) -> None:
+    """Refuse a name timm does not know, suggesting the closest ones (resnet5000 -> resnet50, ...)."""
+    architecture = name.split(".", 1)[0]  # a pretrained tag (resnet50.a1_in1k) is checked by timm itself
+    if timm.is_model(architecture):
+        return
+    close = difflib.get_close_matches(architecture, timm.list_models(), n=6, cutoff=0.6)
+    hint = f"; similar timm names: {', '.join(close)}" if close else ""
+    raise OptionError("backbone", f"unknown timm model {name!r}{hint} (timm.list_models() lists them all)")
+
+
+def takes_image_size(name: str) -> bool:
+    """Whether timm builds this architecture for one input size (ViTs, Swin, ...): its weights say so."""
+    cfg = timm.get_pretrained_cfg(name.split(".", 1)[0])
+    return bool(cfg is not None and cfg.fixed_input_size)
+
+
+def own_stride(backbone: Backbone) -> int | None:
+    """The stride of the architecture's final features, from timm's feature_info."""
+    info = getattr(backbone.model, "feature_info", None)
+    if not info:
+        return None
+    last = info[-1] if isinstance(info, list) else info.get_dicts()[-1]
+    return last.get("reduction")

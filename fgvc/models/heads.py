@@ -1,5 +1,8 @@
 """Classification heads, registered by name. Every head takes B x C x H x W features and returns the outputs dict.
 
+A head is built as `Head(in_features, num_classes, **options)`, its options named after the model.* config keys
+(model.wsdan.* for WS-DAN's constants), so the build layer passes exactly the keys a head declares.
+
 A head is also where a method keeps what it needs beyond one forward pass (DESIGN.md): `training_losses` may run
 more passes (WS-DAN's crop and drop) and `refine` may add inference passes (WS-DAN's test-time crop). The defaults
 are one pass and the criterion, so the engine never asks which method it is running.
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fgvc.config import ModelConfig
+from fgvc.errors import OptionError
 from fgvc.registry import Registry
 from fgvc_kernels import BilinearPool, bilinear_pool
 
@@ -56,9 +59,9 @@ def gradient_times_features(head: nn.Module, features: torch.Tensor, labels: tor
 
     Grad-CAM averages the gradient over positions before weighting the features. Through centered covariance pooling
     (iSQRT) the gradient at position p is proportional to its deviation from the mean, and those deviations nearly
-    cancel in the average: 36 of 60 sampled test maps of the quick-start iSQRT model were exactly zero after
-    Grad-CAM's ReLU. Weighting each position by its own gradient keeps the evidence. For a linear head on
-    average-pooled features both are the class activation map / (h w), up to the ReLU."""
+    cancel in the average, so Grad-CAM's map is often exactly zero after its ReLU. Weighting each position by its
+    own gradient keeps the evidence. For a linear head on average-pooled features both are the class activation
+    map / (h w), up to the ReLU."""
     features, gradient = _label_gradient(head, features, labels)
     return F.relu((gradient * features).sum(dim=1)).detach()
 
@@ -81,6 +84,8 @@ def reduction(in_features: int, dim: int | None) -> tuple[nn.Module, int]:
     """A 1x1 conv + BN + ReLU down to `dim` channels (identity when dim is None), and the channels it leaves."""
     if dim is None:
         return nn.Identity(), in_features
+    if dim < 1:
+        raise OptionError("head_dim", f"must be a positive number of channels (or null), got {dim}")
     return nn.Sequential(nn.Conv2d(in_features, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True)), dim
 
 
@@ -88,9 +93,9 @@ def reduction(in_features: int, dim: int | None) -> tuple[nn.Module, int]:
 class LinearHead(Head):
     """Global average pooling, dropout, a fully connected classifier."""
 
-    def __init__(self, in_features: int, num_classes: int, cfg: ModelConfig) -> None:
+    def __init__(self, in_features: int, num_classes: int, *, drop_rate: float = 0.0) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(cfg.drop_rate)
+        self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(in_features, num_classes)
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -108,32 +113,36 @@ class LinearHead(Head):
 @HEADS.register("bilinear")
 class BilinearHead(Head):
     """B-CNN (Lin et al. 2015): optional 1x1 reduction, self bilinear pooling with signed sqrt and L2 through the
-    fused op, dropout, FC. Without a reduction a C-channel backbone gives C^2 features (512^2 for VGG-16)."""
+    fused op, dropout, FC. Without a reduction (head_dim None) a C-channel backbone gives C^2 features (512^2 for
+    VGG-16)."""
 
-    def __init__(self, in_features: int, num_classes: int, cfg: ModelConfig) -> None:
+    def __init__(self, in_features: int, num_classes: int, *, head_dim: int | None = None,
+                 drop_rate: float = 0.0) -> None:
         super().__init__()
-        self.reduce, channels = reduction(in_features, cfg.head_dim)
+        self.reduce, channels = reduction(in_features, head_dim)
         self.pool = BilinearPool()
-        self.dropout = nn.Dropout(cfg.drop_rate)
+        self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels * channels, num_classes)
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"logits": self.fc(self.dropout(self.pool(self.reduce(features))))}
 
 
-
 @HEADS.register("isqrt")
 class ISqrtHead(Head):
-    """iSQRT-COV (Li et al. 2018): 1x1 reduction (256 by default), covariance pooling through the fused op
-    (centered, no sqrt, no normalization), matrix square root by coupled Newton-Schulz iterations in fp32 with trace
-    pre-normalization and post-compensation, the upper triangle, FC."""
+    """iSQRT-COV (Li et al. 2018): 1x1 reduction (head_dim; None gives the paper's 256), covariance pooling through
+    the fused op (centered, no sqrt, no normalization), matrix square root by coupled Newton-Schulz iterations in
+    fp32 with trace pre-normalization and post-compensation, the upper triangle, FC."""
 
-    def __init__(self, in_features: int, num_classes: int, cfg: ModelConfig) -> None:
+    def __init__(self, in_features: int, num_classes: int, *, head_dim: int | None = None, isqrt_iterations: int = 5,
+                 drop_rate: float = 0.0) -> None:
         super().__init__()
-        self.reduce, channels = reduction(in_features, cfg.head_dim or 256)
-        self.iterations = cfg.isqrt_iterations
+        if isqrt_iterations < 1:
+            raise OptionError("isqrt_iterations", f"must be at least 1, got {isqrt_iterations}")
+        self.reduce, channels = reduction(in_features, head_dim or 256)
+        self.iterations = isqrt_iterations
         self.register_buffer("upper", torch.triu_indices(channels, channels), persistent=False)
-        self.dropout = nn.Dropout(cfg.drop_rate)
+        self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels * (channels + 1) // 2, num_classes)
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -2,41 +2,73 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from fgvc.config import ModelConfig
-from fgvc.models.backbone import Backbone, create_backbone
-from fgvc.models.heads import HEADS
+from fgvc.models.backbone import Backbone
+from fgvc.models.heads import Head, grad_cam
 
 
 class FGVCModel(nn.Module):
     """forward(images) is inference in eval mode (with the head's test-time passes) and one pass in training;
-    training_step(batch, criterion) is what the engine calls to train, whatever the method."""
+    training_step(batch, criterion) is what the engine calls to train, whatever the method.
 
-    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
+    Everything else the engine and the tools need is asked of the model, never read off its parts: which parameters
+    are pretrained backbone and which are new layers (parameter_groups), its maps of where the evidence lies, the
+    boxes a head crops at test time, and compilation."""
+
+    def __init__(self, backbone: Backbone | nn.Module, head: Head) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """B x C x h x w backbone features."""
+        return self.backbone(images)
+
+    def forward_head(self, features: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs for `features` of `images`: one pass in training, with the head's test-time passes (which may
+        look at the images again, as WS-DAN's crop does) in eval mode."""
+        outputs = self.head(features)
+        return outputs if self.training else self.head.refine(self.single_pass, images, outputs)
 
     def single_pass(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.head(self.backbone(images))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.single_pass(images)
-        return outputs if self.training else self.head.refine(self.single_pass, images, outputs)
-
-    @torch.no_grad()
-    def class_activation_maps(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """B x h x w maps of the evidence for `labels` (the head's own kind; see Head.class_activation_maps)."""
-        return self.head.class_activation_maps(self.backbone(images), labels)
+        return self.forward_head(self.forward_features(images), images)
 
     def training_step(self, batch: dict, criterion: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         """(outputs of the pass on batch["image"], the loss dict) -- extra passes are the head's business."""
         outputs = self.single_pass(batch["image"])
         return outputs, self.head.training_losses(self.single_pass, batch, outputs, criterion)
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters by role: "backbone" (what pretrained weights initialize) and "head" (layers that
+        are new for this task), so optimizers can treat them apart without knowing the model's structure."""
+        return {"backbone": [p for p in self.backbone.parameters() if p.requires_grad],
+                "head": [p for p in self.head.parameters() if p.requires_grad]}
 
-def build_model(cfg: ModelConfig, num_classes: int) -> FGVCModel:
-    backbone = create_backbone(cfg)
-    return FGVCModel(backbone, HEADS.get(cfg.head)(backbone.num_features, num_classes, cfg))
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """torch.compile in place, part by part, so that every pass a method makes (training_step, the head's
+        refine, SnapMix's maps) runs compiled, not only forward()."""
+        self.backbone.compile(*args, **kwargs)
+        self.head.compile(*args, **kwargs)
+
+    @torch.no_grad()
+    def class_activation_maps(self, images: torch.Tensor, labels: torch.Tensor,
+                              features: torch.Tensor | None = None) -> torch.Tensor:
+        """B x h x w maps of the evidence for `labels`, the head's own kind (Head.class_activation_maps); pass
+        `features` when the backbone has already run on `images`."""
+        features = self.forward_features(images) if features is None else features
+        return self.head.class_activation_maps(features, labels)
+
+    def grad_cam(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Grad-CAM of `labels` on backbone features, whatever the head."""
+        return grad_cam(self.head, features, labels)
+
+    def test_crop_boxes(self, outputs: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor | None:
+        """The boxes (fgvc.boxes) the head crops at test time, for heads that crop; None otherwise."""
+        return self.head.test_crop_boxes(outputs, size)

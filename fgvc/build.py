@@ -1,0 +1,386 @@
+"""Config -> objects: the one place outside the CLIs that reads a Config.
+
+Everything else takes explicit arguments: datasets their root, split and options; backbones, heads, the Mixer and
+the losses their keyword arguments, named after the config keys they come from. This module maps a Config onto
+them, and turns an option a library object refuses (an OptionError) into a ConfigError naming the full key.
+
+    setup = build_training(cfg)        # datasets, loaders, model, criterion, mixer, optimizer and schedule
+    loaded = load_model("runs/<run>/best.pt")   # a checkpoint's model, classes and evaluation transform
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+
+from fgvc.config import FLAGS, Config, ConfigError, DataConfig, ModelConfig, WSDANConfig, from_dict
+from fgvc.data import DATASETS, Dataset
+from fgvc.data.loader import SplitLoader, UnreadableImages, build_loader
+from fgvc.data.splits import check_split
+from fgvc.data.transforms import INTERPOLATIONS, PartAwareTransform, Preprocessing, eval_transform, train_transform
+from fgvc.engine.checkpoint import load_checkpoint
+from fgvc.engine.logging import echo
+from fgvc.engine.loop import Optimization, Runtime
+from fgvc.engine.optim import build_optimizer, build_scheduler, parameter_groups
+from fgvc.errors import OptionError
+from fgvc.losses import LabelSmoothingCrossEntropy
+from fgvc.mixing import Mixer
+from fgvc.models import HEADS, FGVCModel, create_backbone
+from fgvc.models.backbone import check_backbone_name
+from fgvc.registry import Registry, UnknownName
+
+WSDAN_KEYS = {f.name for f in dataclasses.fields(WSDANConfig)}
+
+
+def model_key(option: str) -> str:
+    return f"model.wsdan.{option}" if option in WSDAN_KEYS else f"model.{option}"
+
+
+@contextlib.contextmanager
+def config_keys(section: str | Callable[[str], str]) -> Iterator[None]:
+    """Name the config key (`section`.option, or what a function of the option gives, and its flag) when a library
+    object refuses an option."""
+    key = section if callable(section) else (lambda option: f"{section}.{option}")
+    try:
+        yield
+    except OptionError as error:
+        raise ConfigError(error.qualified(key, FLAGS)) from None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Environment
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device ({FLAGS['train.device']}): {name!r} is not a device (auto, cpu, cuda, "
+                          "cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device ({FLAGS['train.device']}): {name} asked for, but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_runtime(cfg: Config, device: str | None = None) -> Runtime:
+    with config_keys("train"):
+        return Runtime.create(resolve_device(device or cfg.train.device), cfg.train.amp, cfg.train.channels_last)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def dataset_options(data: DataConfig) -> dict[str, Any]:
+    """The data.* values the dataset's builder takes: each builder names its options after the keys."""
+    builder = registered(DATASETS, data.dataset, "data.dataset")
+    accepted = inspect.signature(builder).parameters
+    if data.download and "download" not in accepted:
+        raise ConfigError(f"data.download ({FLAGS['data.download']}): {data.dataset} has no download")
+    values = {"val_fraction": data.val_fraction, "split_seed": data.split_seed, "download": data.download,
+              "annotation_level": data.annotation_level, "remove_banner": data.remove_banner,
+              "spec": data.synthbirds}
+    return {name: value for name, value in values.items() if name in accepted}
+
+
+def build_dataset(data: DataConfig, split: str) -> Dataset:
+    """One split of data.dataset, read from data.root."""
+    check_split(split)  # a split is not a config key: named as it is
+    options = dataset_options(data)
+    with config_keys("data"):
+        return DATASETS.get(data.dataset)(data.root, split, **options)
+
+
+def build_datasets(data: DataConfig) -> dict[str, Dataset]:
+    """train and test, and val when data.val_fraction carves one."""
+    splits = ("train", "val", "test") if data.val_fraction > 0 else ("train", "test")
+    return {split: build_dataset(data, split) for split in splits}
+
+
+def build_preprocessing(cfg: Config) -> Preprocessing:
+    """data.mean / std / interpolation where set; otherwise what the pretrained weights expect (timm's
+    pretrained_cfg), or ImageNet's statistics and bilinear resampling for a network trained from scratch."""
+    default = Preprocessing()
+    expected: dict[str, Any] = {}
+    if cfg.model.pretrained or cfg.model.pretrained_file is not None:
+        check_backbone_name(cfg.model.backbone)
+        try:
+            weights = timm.get_pretrained_cfg(cfg.model.backbone)
+        except RuntimeError as error:  # an invalid pretrained tag
+            raise ConfigError(f"model.backbone ({FLAGS['model.backbone']}): {error}") from None
+        if weights is not None:
+            expected = {"mean": weights.mean, "std": weights.std, "interpolation": weights.interpolation}
+    if expected.get("interpolation") not in (None, *INTERPOLATIONS):
+        raise ConfigError(f"data.interpolation: the weights of {cfg.model.backbone} ask for "
+                          f"{expected['interpolation']!r}, which fgvc does not resample with; set one of "
+                          f"{', '.join(INTERPOLATIONS)}")
+    chosen = {name: getattr(cfg.data, name) if getattr(cfg.data, name) is not None else expected.get(name)
+              for name in ("mean", "std", "interpolation")}
+    with config_keys("data"):
+        return Preprocessing(mean=tuple(chosen["mean"] or default.mean), std=tuple(chosen["std"] or default.std),
+                             interpolation=chosen["interpolation"] or default.interpolation)
+
+
+def with_preprocessing(cfg: Config, preprocessing: Preprocessing) -> Config:
+    """`cfg` with the preprocessing it resolved to written in, as a run saves it (so a checkpoint evaluates with
+    exactly what it was trained with, whatever timm's defaults become)."""
+    data = dataclasses.replace(cfg.data, mean=list(preprocessing.mean), std=list(preprocessing.std),
+                               interpolation=preprocessing.interpolation)
+    return dataclasses.replace(cfg, data=data)
+
+
+def unreadable_budget(cfg: Config, split: str, dataset: Dataset, *, silent: bool = False) -> UnreadableImages:
+    with config_keys("data"):
+        return UnreadableImages(split, len(dataset), 1.0 if silent else cfg.data.max_bad_fraction,
+                                (lambda _: None) if silent else echo)
+
+
+def build_train_loader(cfg: Config, dataset: Dataset, preprocessing: Preprocessing,
+                       device: torch.device) -> SplitLoader:
+    data = cfg.data
+    with config_keys("data"):
+        compose = train_transform(data.image_size, resize_size=data.resize_size, crop=data.crop,
+                                  crop_scale=tuple(data.crop_scale), hflip=data.hflip, color_jitter=data.color_jitter,
+                                  preprocessing=preprocessing)
+    if len(dataset) < data.batch_size:
+        raise ConfigError(f"data.batch_size: {data.batch_size} is more than the {len(dataset)} images of the train "
+                          "split (the last incomplete batch is dropped, so an epoch would be empty)")
+    return build_loader(dataset, PartAwareTransform(compose, dataset.part_names), batch_size=data.batch_size,
+                        seed=cfg.train.seed, train=True, unreadable=unreadable_budget(cfg, "train", dataset),
+                        workers=data.workers, pin_memory=device.type == "cuda")
+
+
+def build_eval_loader(cfg: Config, dataset: Dataset, preprocessing: Preprocessing, *, split: str,
+                      wide: bool = False, silent: bool = False, batch_size: int | None = None) -> SplitLoader:
+    """The evaluation loader of `split` (wide: the resized centre square instead of the crop, for ten-crop TTA;
+    silent: unreadable images were reported by an earlier pass over the same split)."""
+    data = cfg.data
+    compose = eval_transform(data.image_size, resize_size=data.resize_size, wide=wide, preprocessing=preprocessing)
+    return build_loader(dataset, PartAwareTransform(compose, dataset.part_names),
+                        batch_size=batch_size or data.eval_batch_size or 2 * data.batch_size, seed=cfg.train.seed,
+                        train=False, unreadable=unreadable_budget(cfg, split, dataset, silent=silent),
+                        workers=data.workers)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model and training objects
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def registered(registry: Registry, name: str, key: str) -> Callable[..., Any]:
+    """registry.get(name), its refusal naming the config key."""
+    try:
+        return registry.get(name)
+    except UnknownName as error:
+        raise ConfigError(f"{key}{f' ({FLAGS[key]})' if key in FLAGS else ''}: {error}") from None
+
+
+def head_options(model: ModelConfig, head: str) -> dict[str, Any]:
+    """The model.* (and model.wsdan.*) values the head's constructor takes, by name."""
+    available = {**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)},
+                 **dataclasses.asdict(model.wsdan)}
+    accepted = inspect.signature(registered(HEADS, head, "model.head")).parameters
+    return {name: available[name] for name in accepted if name in available}
+
+
+def build_model(model: ModelConfig, num_classes: int, *, image_size: int | None = None) -> FGVCModel:
+    """The backbone and head model.* describes, for inputs of `image_size` (backbones made for one input size,
+    such as ViTs, are built for it)."""
+    head_class = registered(HEADS, model.head, "model.head")
+    with config_keys(model_key):
+        backbone = create_backbone(model.backbone, pretrained=model.pretrained, pretrained_file=model.pretrained_file,
+                                   output_stride=model.output_stride, feature_stage=model.feature_stage,
+                                   drop_path_rate=model.drop_path_rate, image_size=image_size,
+                                   backbone_args=model.backbone_args)
+        head = head_class(backbone.num_features, num_classes, **head_options(model, model.head))
+    return FGVCModel(backbone, head)
+
+
+def build_criterion(cfg: Config) -> LabelSmoothingCrossEntropy:
+    with config_keys("regularization"):
+        return LabelSmoothingCrossEntropy(cfg.regularization.label_smoothing)
+
+
+def build_mixer(cfg: Config, num_classes: int) -> Mixer | None:
+    """The configured Mixer, or None when every mixing method is off."""
+    reg = cfg.regularization
+    with config_keys("regularization"):
+        mixer = Mixer(num_classes, cfg.train.seed, mixup_alpha=reg.mixup_alpha, cutmix_alpha=reg.cutmix_alpha,
+                      mix_prob=reg.mix_prob, switch_prob=reg.switch_prob, snapmix_prob=reg.snapmix_prob,
+                      snapmix_alpha=reg.snapmix_alpha)
+    return mixer if mixer.enabled else None
+
+
+def build_optimization(cfg: Config, model: FGVCModel, steps_per_epoch: int) -> Optimization:
+    optim, schedule = cfg.optim, cfg.schedule
+    if cfg.train.grad_accum < 1:
+        raise ConfigError(f"train.grad_accum: must be at least 1, got {cfg.train.grad_accum}")
+    groups = parameter_groups(model.parameter_groups(), lr=optim.lr, weight_decay=optim.weight_decay,
+                              head_lr_mult=optim.head_lr_mult)
+    with config_keys("optim"):
+        optimizer = build_optimizer(groups, name=optim.name, lr=optim.lr, momentum=optim.momentum)
+    scheduler = build_scheduler(optimizer, epochs=schedule.epochs, steps_per_epoch=steps_per_epoch,
+                                warmup_epochs=schedule.warmup_epochs, base_lr=optim.lr, min_lr=schedule.min_lr)
+    scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" else None
+    return Optimization(optimizer, scheduler, cfg.train.grad_accum, scaler)
+
+
+def run_folder(cfg: Config) -> Path:
+    """output_dir / run_name (default: <dataset>-<backbone>-<head>-<time>)."""
+    name = cfg.run_name or (f"{cfg.data.dataset}-{cfg.model.backbone}-{cfg.model.head}-"
+                            f"{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    return Path(cfg.output_dir).expanduser() / name
+
+
+@dataclass
+class Training:
+    """Everything a run needs, built from its config: what the trainer orchestrates."""
+
+    config: Config  # as resolved, with the preprocessing it resolved to: what the run saves
+    run_dir: Path  # where a new run writes (a resumed one continues in its own folder)
+    runtime: Runtime
+    model: FGVCModel
+    criterion: LabelSmoothingCrossEntropy
+    mixer: Mixer | None
+    optimization: Optimization
+    train_loader: SplitLoader
+    val_loader: SplitLoader | None
+    test_loader: SplitLoader
+    classes: list[str]
+    epochs: int
+    log_every: int
+    checkpoint_every: int
+    compile: bool
+
+
+def build_training(cfg: Config) -> Training:
+    """Seed, then build every object of a run. Cheap checks come first, so a wrong name fails before any data is
+    generated or read."""
+    train = cfg.train
+    with config_keys("model"):
+        check_backbone_name(cfg.model.backbone)
+    registered(HEADS, cfg.model.head, "model.head")
+    registered(DATASETS, cfg.data.dataset, "data.dataset")
+    runtime = build_runtime(cfg)
+    if train.threads > 0:
+        torch.set_num_threads(train.threads)
+    torch.use_deterministic_algorithms(train.deterministic)
+    seed_everything(train.seed)
+    preprocessing = build_preprocessing(cfg)
+    datasets = build_datasets(cfg.data)
+    classes = list(datasets["train"].classes)
+    train_loader = build_train_loader(cfg, datasets["train"], preprocessing, runtime.device)
+    steps_per_epoch = -(-train_loader.batches_per_epoch // max(train.grad_accum, 1))
+    model = build_model(cfg.model, len(classes), image_size=cfg.data.image_size).to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimization = build_optimization(cfg, model, steps_per_epoch)
+    val = datasets.get("val")
+    val_loader = build_eval_loader(cfg, val, preprocessing, split="val") if val is not None else None
+    return Training(
+        config=with_preprocessing(cfg, preprocessing), run_dir=run_folder(cfg), runtime=runtime, model=model,
+        criterion=build_criterion(cfg), mixer=build_mixer(cfg, len(classes)), optimization=optimization,
+        train_loader=train_loader, val_loader=val_loader,
+        test_loader=build_eval_loader(cfg, datasets["test"], preprocessing, split="test"), classes=classes,
+        epochs=cfg.schedule.epochs, log_every=train.log_every, checkpoint_every=train.checkpoint_every,
+        compile=train.compile)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Trained models
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model in eval mode on its device, with its class names, the evaluation transform it was
+    trained with and the run's config."""
+
+    model: FGVCModel
+    classes: list[str]
+    config: Config
+    runtime: Runtime
+    preprocessing: Preprocessing
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.image_size
+
+    def transform(self, part_names: list[str] | None = None, *, wide: bool = False) -> PartAwareTransform:
+        """The run's evaluation preprocessing for raw samples (fgvc.data); with `part_names`, parts move with the
+        image. Call it as transform(sample, seed=0)."""
+        data = self.config.data
+        compose = eval_transform(data.image_size, resize_size=data.resize_size, wide=wide,
+                                 preprocessing=self.preprocessing)
+        return PartAwareTransform(compose, part_names)
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """An RGB image (H x W x 3 uint8, as fgvc.data.images.read_rgb and the datasets give them) as the model's
+        input tensor (3 x size x size)."""
+        return self._image_transform({"image": image, "label": 0, "index": 0}, seed=0)["image"]
+
+    @functools.cached_property
+    def _image_transform(self) -> PartAwareTransform:
+        return self.transform()
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's inference logits (with the head's own test-time passes) for normalized image tensors."""
+        with self.runtime.autocast():
+            return self.model(self.runtime.images(images))["logits"].float()
+
+    def predict(self, image: np.ndarray, topk: int = 5) -> list[tuple[str, float]]:
+        """The `topk` most probable (class name, probability) for one RGB image, most probable first."""
+        probabilities = torch.softmax(self.logits(self.prepare(image)[None])[0], dim=0).cpu()
+        top = probabilities.topk(min(topk, len(self.classes)))
+        return [(self.classes[i], float(p)) for p, i in zip(top.values, top.indices.tolist(), strict=True)]
+
+
+def load_model(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: str | None = None) -> LoadedModel:
+    """A run's checkpoint (best.pt or last.pt) rebuilt as it was trained, in eval mode. `data_root` replaces the
+    run's data.root (the data moved)."""
+    state = load_checkpoint(checkpoint)
+    cfg = from_dict(state["config"], f"the config stored in {checkpoint}")
+    if data_root is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=data_root))
+    runtime = build_runtime(cfg, device)
+    # The weights come from the checkpoint: no hub download, and no pretrained_file that may have moved since.
+    architecture = dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None)
+    model = build_model(architecture, len(state["classes"]), image_size=cfg.data.image_size).to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.load_state_dict(state["model"])
+    return LoadedModel(model.eval(), list(state["classes"]), cfg, runtime, build_preprocessing(cfg))
+
+
+def dataset_for(loaded: LoadedModel, split: str) -> Dataset:
+    """A split of the data the model was trained on, checked to have the same classes."""
+    dataset = build_dataset(loaded.config.data, split)
+    if list(dataset.classes) != loaded.classes:
+        raise ConfigError(f"the {split} split of {loaded.config.data.root or loaded.config.data.dataset} has "
+                          "other classes than the ones the model was trained on")
+    return dataset
+

@@ -1,0 +1,59 @@
+"""One error path: every mistake a user can make is an FGVCError, and every CLI prints it as one line.
+
+A bad key, a missing folder, a corrupt file, weights that cannot be fetched offline: each raises a subclass of
+FGVCError whose message names what is wrong and where. The CLIs wrap their `main` in `command`, which prints
+`error: <message>` on stderr and exits 2 -- no traceback. A traceback from a CLI therefore means a bug in fgvc.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+
+class FGVCError(Exception):
+    """A user's mistake or a problem with their files or environment; the message says what and where."""
+
+
+class OptionError(FGVCError, ValueError):
+    """A library object got an option value it cannot use.
+
+    `option` is the keyword argument's name, which is also the last part of its config key, so the build layer can
+    name the full key (`qualified(lambda o: "model." + o)` -> "model.head_dim: ..."). Other options the problem
+    refers to are written in backticks (`pretrained_file`) and are named the same way."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        self.option, self.problem = option, problem
+        super().__init__(self.qualified(str))
+
+    def qualified(self, key: Callable[[str], str], flags: dict[str, str] | None = None) -> str:
+        """The message with every option named by its `key`, and that key's command-line flag where it has one."""
+        def name(option: str) -> str:
+            full = key(option)
+            return f"{full} ({flags[full]})" if flags and full in flags else full
+
+        return f"{name(self.option)}: " + re.sub(r"`(\w+)`", lambda match: name(match.group(1)), self.problem)
+
+
+class OutputExists(FGVCError, FileExistsError):
+    """A folder fgvc would create is already there; nothing is overwritten."""
+
+
+Main = TypeVar("Main", bound=Callable[..., int])
+
+
+def command(main: Main) -> Main:
+    """Wrap a CLI's main(argv) -> exit status: an FGVCError becomes one `error: ...` line on stderr and status 2."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except FGVCError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return run  # type: ignore[return-value]
