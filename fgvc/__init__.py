@@ -5,7 +5,7 @@
 
 The API (fgvc.api) is imported on first use, so `import fgvc` stays cheap and the package's command-line modules
 (python -m fgvc.data.synthbirds, ...) do not find themselves imported before they run. `fgvc.train` is the module
-behind `python -m fgvc.train`; calling it, `fgvc.train(config)`, trains (fgvc.api.train).
+behind `python -m fgvc.train`; calling it, `fgvc.train(config)`, trains.
 """
 
 from __future__ import annotations

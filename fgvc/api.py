@@ -7,7 +7,7 @@
     trained = fgvc.load_model(result.run_dir / "best.pt")    # eval mode, class names, its evaluation transform
 
 Each function is a thin door into the build layer (fgvc.build), so the API, the recipes and the command line build
-exactly the same objects.
+exactly the same objects. `fgvc.train(config)` is the module behind `python -m fgvc.train`, which is callable.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from typing import Any
 
 from fgvc import build, config
 from fgvc.data import DATASETS, Dataset
-from fgvc.engine.trainer import RunResult
-from fgvc.engine.trainer import train as run_training
 from fgvc.models import HEADS, FGVCModel
 
 
@@ -69,9 +67,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     return config.load_config(path, overrides)
 
 
-def train(cfg: config.Config) -> RunResult:
-    """Train, select on validation, evaluate once on test; the result names the run folder and its metrics."""
-    return run_training(cfg)
-
-
-__all__ = ["create_dataset", "create_model", "list_datasets", "list_heads", "load_config", "load_model", "train"]
+__all__ = ["create_dataset", "create_model", "list_datasets", "list_heads", "load_config", "load_model"]

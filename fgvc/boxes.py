@@ -27,8 +27,10 @@ def clip_boxes(boxes: torch.Tensor, region: Region) -> torch.Tensor:
     return torch.where(empty, torch.zeros_like(clipped), clipped)
 
 
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]).clamp_min(0) * (boxes[..., 3] - boxes[..., 1]).clamp_min(0)
+def box_area(box: Region) -> float:
+    """The area of one box; 0 when it is empty."""
+    x0, y0, x1, y1 = box
+    return max(x1 - x0, 0) * max(y1 - y0, 0)
 
 
 def from_xywh(boxes: np.ndarray) -> np.ndarray:

@@ -126,14 +126,12 @@ def build_preprocessing(cfg: Config) -> Preprocessing:
     default = Preprocessing()
     expected: dict[str, Any] = {}
     if cfg.model.pretrained or cfg.model.pretrained_file is not None:
-        check_backbone_name(cfg.model.backbone)
-        try:
-            weights = timm.get_pretrained_cfg(cfg.model.backbone)
-        except RuntimeError as error:  # an invalid pretrained tag
-            raise ConfigError(f"model.backbone ({FLAGS['model.backbone']}): {error}") from None
+        with config_keys(model_key):
+            check_backbone_name(cfg.model.backbone)  # and its pretrained tag
+        weights = timm.get_pretrained_cfg(cfg.model.backbone)
         if weights is not None:
-            expected = {"mean": weights.mean, "std": weights.std, "interpolation": weights.interpolation}
-    if expected.get("interpolation") not in (None, *INTERPOLATIONS):
+            expected = {"mean": weights.mean, "std": weights.std, "interpolation": weights.interpolation or None}
+    if cfg.data.interpolation is None and expected.get("interpolation") not in (None, *INTERPOLATIONS):
         raise ConfigError(f"data.interpolation: the weights of {cfg.model.backbone} ask for "
                           f"{expected['interpolation']!r}, which fgvc does not resample with; set one of "
                           f"{', '.join(INTERPOLATIONS)}")
@@ -173,13 +171,19 @@ def build_train_loader(cfg: Config, dataset: Dataset, preprocessing: Preprocessi
                         workers=data.workers, pin_memory=device.type == "cuda")
 
 
+def build_eval_transform(data: DataConfig, preprocessing: Preprocessing, part_names: list[str] | None = None, *,
+                         wide: bool = False) -> PartAwareTransform:
+    """The evaluation preprocessing of data.*: resize, centre crop, normalize (wide: the resized centre square)."""
+    compose = eval_transform(data.image_size, resize_size=data.resize_size, wide=wide, preprocessing=preprocessing)
+    return PartAwareTransform(compose, part_names)
+
+
 def build_eval_loader(cfg: Config, dataset: Dataset, preprocessing: Preprocessing, *, split: str,
                       wide: bool = False, silent: bool = False, batch_size: int | None = None) -> SplitLoader:
     """The evaluation loader of `split` (wide: the resized centre square instead of the crop, for ten-crop TTA;
     silent: unreadable images were reported by an earlier pass over the same split)."""
     data = cfg.data
-    compose = eval_transform(data.image_size, resize_size=data.resize_size, wide=wide, preprocessing=preprocessing)
-    return build_loader(dataset, PartAwareTransform(compose, dataset.part_names),
+    return build_loader(dataset, build_eval_transform(data, preprocessing, dataset.part_names, wide=wide),
                         batch_size=batch_size or data.eval_batch_size or 2 * data.batch_size, seed=cfg.train.seed,
                         train=False, unreadable=unreadable_budget(cfg, split, dataset, silent=silent),
                         workers=data.workers)
@@ -236,8 +240,6 @@ def build_mixer(cfg: Config, num_classes: int) -> Mixer | None:
 
 def build_optimization(cfg: Config, model: FGVCModel, steps_per_epoch: int) -> Optimization:
     optim, schedule = cfg.optim, cfg.schedule
-    if cfg.train.grad_accum < 1:
-        raise ConfigError(f"train.grad_accum: must be at least 1, got {cfg.train.grad_accum}")
     groups = parameter_groups(model.parameter_groups(), lr=optim.lr, weight_decay=optim.weight_decay,
                               head_lr_mult=optim.head_lr_mult)
     with config_keys("optim"):
@@ -260,7 +262,6 @@ class Training:
     """Everything a run needs, built from its config: what the trainer orchestrates."""
 
     config: Config  # as resolved, with the preprocessing it resolved to: what the run saves
-    run_dir: Path  # where a new run writes (a resumed one continues in its own folder)
     runtime: Runtime
     model: FGVCModel
     criterion: LabelSmoothingCrossEntropy
@@ -301,7 +302,7 @@ def build_training(cfg: Config) -> Training:
     val = datasets.get("val")
     val_loader = build_eval_loader(cfg, val, preprocessing, split="val") if val is not None else None
     return Training(
-        config=with_preprocessing(cfg, preprocessing), run_dir=run_folder(cfg), runtime=runtime, model=model,
+        config=with_preprocessing(cfg, preprocessing), runtime=runtime, model=model,
         criterion=build_criterion(cfg), mixer=build_mixer(cfg, len(classes)), optimization=optimization,
         train_loader=train_loader, val_loader=val_loader,
         test_loader=build_eval_loader(cfg, datasets["test"], preprocessing, split="test"), classes=classes,
@@ -332,10 +333,7 @@ class LoadedModel:
     def transform(self, part_names: list[str] | None = None, *, wide: bool = False) -> PartAwareTransform:
         """The run's evaluation preprocessing for raw samples (fgvc.data); with `part_names`, parts move with the
         image. Call it as transform(sample, seed=0)."""
-        data = self.config.data
-        compose = eval_transform(data.image_size, resize_size=data.resize_size, wide=wide,
-                                 preprocessing=self.preprocessing)
-        return PartAwareTransform(compose, part_names)
+        return build_eval_transform(self.config.data, self.preprocessing, part_names, wide=wide)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """An RGB image (H x W x 3 uint8, as fgvc.data.images.read_rgb and the datasets give them) as the model's
@@ -379,6 +377,9 @@ def load_model(checkpoint: str | os.PathLike, *, device: str = "auto", data_root
 def dataset_for(loaded: LoadedModel, split: str) -> Dataset:
     """A split of the data the model was trained on, checked to have the same classes."""
     dataset = build_dataset(loaded.config.data, split)
+    if len(dataset) == 0:
+        raise ConfigError(f"the {split} split of {loaded.config.data.root or loaded.config.data.dataset} is empty"
+                          f"{' (the run trained with data.val_fraction=0)' if split == 'val' else ''}")
     if list(dataset.classes) != loaded.classes:
         raise ConfigError(f"the {split} split of {loaded.config.data.root or loaded.config.data.dataset} has "
                           "other classes than the ones the model was trained on")

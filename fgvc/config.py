@@ -15,6 +15,7 @@ the resolved config").
 from __future__ import annotations
 
 import difflib
+import operator
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -229,7 +230,7 @@ def load_config(config_file: str | Path | None = None, overrides: Sequence[str] 
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
-    return _to_config(merged, "the resolved config")
+    return _to_config(merged)
 
 
 def model_config(settings: dict[str, Any], source: str) -> ModelConfig:
@@ -288,11 +289,52 @@ def _merge(base: Any, update: Any, source: str) -> Any:
         raise ConfigError(f"{source}: bad value for {error.full_key!r}: {message}") from None
 
 
-def _to_config(merged: Any, source: str) -> Config:
+def _to_config(merged: Any, source: str | None = None) -> Config:
+    """The Config object, with the checks types cannot make; `source` (a saved run's file) prefixes errors."""
+    prefix = f"{source}: " if source else ""
     try:
-        return OmegaConf.to_object(merged)
-    except FGVCError as error:  # a section's own validation (SynthBirdsSpec)
-        raise ConfigError(f"{source}: data.synthbirds: {error}") from None
+        cfg = OmegaConf.to_object(merged)
+    except FGVCError as error:  # a section's own validation (data.synthbirds' spec)
+        raise ConfigError(f"{prefix}{error}") from None
+    problem = range_problem(cfg)
+    if problem:
+        raise ConfigError(prefix + problem)
+    return cfg
+
+
+def _at_least(low: float) -> tuple[Any, str]:
+    return (lambda value: value >= low), f"at least {low:g}"
+
+
+def _optional(rule: tuple[Any, str]) -> tuple[Any, str]:
+    test, text = rule
+    return (lambda value: value is None or test(value)), f"null or {text}"
+
+
+# What the schema's types cannot say: the ranges in which a value means something.
+RANGES: dict[str, tuple[Any, str]] = {
+    "data.image_size": _at_least(1), "data.resize_size": _optional(_at_least(1)), "data.batch_size": _at_least(1),
+    "data.eval_batch_size": _optional(_at_least(1)), "data.workers": _at_least(0),
+    "data.hflip": ((lambda value: 0 <= value <= 1), "in [0, 1]"), "data.color_jitter": _at_least(0),
+    "data.crop_scale": ((lambda value: len(value) == 2 and 0 < value[0] <= value[1] <= 1),
+                        "[low, high] with 0 < low <= high <= 1"),
+    "optim.lr": _at_least(0), "optim.weight_decay": _at_least(0), "optim.head_lr_mult": _at_least(0),
+    "optim.momentum": ((lambda value: 0 <= value < 1), "in [0, 1)"),
+    "schedule.epochs": _at_least(1), "schedule.warmup_epochs": _at_least(0), "schedule.min_lr": _at_least(0),
+    "model.drop_rate": ((lambda value: 0 <= value < 1), "in [0, 1)"),
+    "model.drop_path_rate": ((lambda value: 0 <= value < 1), "in [0, 1)"),
+    "train.grad_accum": _at_least(1), "train.log_every": _at_least(1), "train.checkpoint_every": _at_least(0),
+    "train.threads": _at_least(0),
+}
+
+
+def range_problem(cfg: Config) -> str | None:
+    """The first key whose value is outside its range (RANGES), said as an error message; None when all fit."""
+    for key, (test, text) in RANGES.items():
+        value = operator.attrgetter(key)(cfg)
+        if not test(value):
+            return f"{key} must be {text}, got {value}"
+    return None
 
 
 # Keys added to the schema after runs had been saved, with the value that rebuilds what such a run trained. A saved

@@ -46,14 +46,21 @@ Main = TypeVar("Main", bound=Callable[..., int])
 
 
 def command(main: Main) -> Main:
-    """Wrap a CLI's main(argv) -> exit status: an FGVCError becomes one `error: ...` line on stderr and status 2."""
+    """Wrap a CLI's main(argv) -> exit status: an FGVCError becomes one `error: ...` line on stderr and status 2,
+    and so does a file the user named that cannot be written or read (a missing folder, no permission, a full
+    disk): an OSError with a file name."""
 
     @functools.wraps(main)
     def run(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs)
         except FGVCError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            message = str(error)
+        except OSError as error:
+            if error.filename is None:
+                raise
+            message = f"{error.filename}: {error.strerror or error}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
     return run  # type: ignore[return-value]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fgvc.boxes import clip_boxes
+from fgvc.boxes import box_area, clip_boxes
 from fgvc.data.loader import derived_seed
 from fgvc.errors import OptionError
 
@@ -41,12 +41,13 @@ def mixup(images: torch.Tensor, lam: float) -> torch.Tensor:
     return images * lam + images.flip(0) * (1 - lam)
 
 
-def cutmix_box(height: int, width: int, lam: float, center: tuple[int, int]) -> Box:
-    """The CutMix box (Yun et al. 2019) for `lam`: sides int(sqrt(1 - lam) x the image's), around `center` (y, x),
-    clipped to the image. Sides split around the centre as timm splits them, so the two agree box for box."""
+def cutmix_box(height: int, width: int, lam: float, center_yx: tuple[int, int]) -> Box:
+    """The CutMix box (Yun et al. 2019) for `lam`: sides int(sqrt(1 - lam) x the image's), around the centre
+    (row, column), clipped to the image. Sides split around the centre as timm splits them, so the two agree box for
+    box (and the centre is drawn row first, as timm draws it)."""
     ratio = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * ratio), int(width * ratio)
-    cy, cx = center
+    cy, cx = center_yx
     return (int(np.clip(cx - cut_w // 2, 0, width)), int(np.clip(cy - cut_h // 2, 0, height)),
             int(np.clip(cx + (cut_w + 1) // 2, 0, width)), int(np.clip(cy + (cut_h + 1) // 2, 0, height)))
 
@@ -54,11 +55,6 @@ def cutmix_box(height: int, width: int, lam: float, center: tuple[int, int]) -> 
 def random_box(height: int, width: int, lam: float, rng: np.random.Generator) -> Box:
     """cutmix_box with a centre drawn uniformly over the pixels."""
     return cutmix_box(height, width, lam, (int(rng.integers(0, height)), int(rng.integers(0, width))))
-
-
-def box_area(box: Box) -> int:
-    x0, y0, x1, y1 = box
-    return max(x1 - x0, 0) * max(y1 - y0, 0)
 
 
 def cutmix(images: torch.Tensor, box: Box) -> tuple[torch.Tensor, float]:

@@ -30,8 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
-    if args.topk < 1:
-        parser.error("--topk must be at least 1")
+    if args.topk < 1 or args.batch_size < 1:
+        parser.error("--topk and --batch-size must be at least 1")
     trained = load_model(args.checkpoint, device=args.device)
     files = image_files(args.inputs, echo_skipped=lambda message: print(message, file=sys.stderr))
     predictions = predict_files(trained, files, topk=args.topk, batch_size=args.batch_size)

@@ -7,7 +7,8 @@
     python -m fgvc.train --resume runs/<run>                # continue an interrupted run exactly
 
 Without --config, the recipe is the quick start's (configs/synthbirds/quickstart.yaml), or with --dataset the
-dataset's own recipe where it has one; key=value overrides apply on top.
+dataset's own recipe where it has one; key=value overrides apply on top. From Python, `fgvc.train(config)` trains a
+config (fgvc.load_config) and returns its RunResult.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import types
 from collections.abc import Sequence
 from pathlib import Path
 
+from fgvc.build import build_preprocessing, with_preprocessing
 from fgvc.config import FLAG_KEYS, Config, ConfigError, default_recipe, load_config, load_run_config, to_yaml
 from fgvc.engine.localization import localization_line
 from fgvc.engine.trainer import BEST, CONFIG_FILE, RunResult, train
@@ -72,9 +74,8 @@ def format_results(result: RunResult) -> str:
     best = result.run_dir / BEST
     lines += [f"selected epoch {result.best_epoch}, {result.seconds:.0f} s; run folder: {result.run_dir}",
               "next:",
-              f"  python -m fgvc.evaluate --checkpoint {best} --tta flip multiscale tencrop",
-              f"  python -m fgvc.visualize --checkpoint {best} --count 8",
-              f"  python -m fgvc.predict --checkpoint {best} photo.jpg"]
+              f"  python -m fgvc.evaluate --checkpoint {best} --tta flip tencrop",
+              f"  python -m fgvc.visualize --checkpoint {best} --count 8"]
     return "\n".join(lines)
 
 
@@ -82,8 +83,8 @@ def format_results(result: RunResult) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = resolve(args)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
+    if args.print_config:  # as the run would save it: with the preprocessing it resolves to
+        print(to_yaml(with_preprocessing(cfg, build_preprocessing(cfg))), end="")
         return 0
     result = train(cfg, resume_dir=args.resume)
     if result.completed:
@@ -96,7 +97,8 @@ class _CallableModule(types.ModuleType):
     any import of it makes it), so calling it trains."""
 
     def __call__(self, cfg: Config) -> RunResult:
-        """Train `cfg` (fgvc.load_config), select on validation, evaluate once on test (fgvc.api.train)."""
+        """Train `cfg` (fgvc.load_config), select on validation, evaluate once on test: the result names the run
+        folder and its metrics."""
         return train(cfg)
 
 

@@ -105,13 +105,16 @@ def test_a_vit_is_built_for_the_input_size_with_every_head(head: str) -> None:
         assert model.eval()(batch["image"])["logits"].shape == (2, 5)
 
 
-def test_the_transfg_setting_builds_a_vit_at_448() -> None:
-    """vit_small_patch16_224 at 448 px (TransFG): 28 x 28 patch tokens, the position embeddings sized for them."""
+def test_the_transfg_setting_trains_a_vit_at_448() -> None:
+    """vit_small_patch16_224 at 448 px (TransFG): 28 x 28 patch tokens, the position embeddings sized for them, and
+    a training step through the covariance head."""
     model = build_model(ModelConfig(backbone="vit_small_patch16_224", head="isqrt", head_dim=16), 200, image_size=448)
     assert model.backbone.model.pos_embed.shape == (1, 28 * 28 + 1, 384)
-    with torch.no_grad():
-        features = model.eval().forward_features(torch.randn(1, 3, 448, 448))
-    assert features.shape == (1, 384, 28, 28)
+    images = torch.randn(1, 3, 448, 448)
+    assert model.forward_features(images).shape == (1, 384, 28, 28)
+    _, losses = model.training_step({"image": images, "label": torch.tensor([7])}, LabelSmoothingCrossEntropy(0.1))
+    losses["loss"].backward()
+    assert model.backbone.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_pretrained_position_embeddings_are_resampled_for_the_input_size(tmp_path: Path) -> None:
@@ -133,14 +136,23 @@ def test_non_square_token_grids_keep_their_shape() -> None:
         assert model(images)["logits"].shape == (2, 3)
 
 
-def test_the_issue_command_trains_a_vit_at_96_px(small_birds: Path, tmp_path: Path) -> None:
+def test_the_issue_command_trains_a_vit_at_96_px(small_birds: Path, tmp_path: Path, capsys) -> None:
     """`python -m fgvc.train --model vit_tiny_patch16_224 data.image_size=96` once died with "Input height (96)
-    doesn't match model (224)"; the quick start's output stride 16 is the ViT's own patch stride."""
+    doesn't match model (224)"; the quick start's output stride 16 is the ViT's own patch stride. Evaluation's
+    test-time views work at the model's size; multi-scale views it cannot take are refused before any pass."""
     cfg = quick_start([*tiny_overrides(small_birds, tmp_path, "vit"), "model.backbone=vit_tiny_patch16_224",
                        "data.image_size=96", "schedule.epochs=1", "model.head=isqrt"])
     setup = build_training(cfg)
     assert setup.model.backbone.model.pos_embed.shape == (1, 37, 192)
-    assert trainer.train(cfg).completed
+    run = trainer.train(cfg)
+    assert run.completed
+    best = str(run.run_dir / "best.pt")
+    output = str(tmp_path / "e.json")
+    assert evaluate_cli.main(["--checkpoint", best, "--tta", "flip", "tencrop", "--output", output]) == 0
+    capsys.readouterr()
+    assert evaluate_cli.main(["--checkpoint", best, "--tta", "multiscale"]) == 2
+    assert "scales: 0.875 makes 84 x 84 views, which vit_tiny_patch16_224 cannot take: it takes 96 x 96 inputs only" \
+        in capsys.readouterr().err
 
 
 def test_build_training_checks_names_before_reading_data(small_birds: Path, tmp_path: Path) -> None:

@@ -39,7 +39,16 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_checkpoint(scratch / "truncated.pt", state)
     (scratch / "truncated.pt").write_bytes((scratch / "truncated.pt").read_bytes()[:300])
     (scratch / "exists").mkdir()
+    (scratch / "runs" / "used").mkdir(parents=True)
+    (scratch / "runs" / "used" / "metrics.jsonl").write_text("")
     return scratch
+
+
+@pytest.fixture(scope="module")
+def no_val_run(small_birds: Path, scratch: Path) -> Path:
+    """The best.pt of a run trained without a validation split."""
+    overrides = [*tiny_overrides(small_birds, scratch / "runs", "no_val"), "schedule.epochs=1", "data.val_fraction=0"]
+    return trainer.train(quick_start(overrides)).run_dir / "best.pt"
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +108,29 @@ def test_a_new_users_mistakes_get_one_line_from_the_command_line(mistakes: dict,
     ("data.export", ["--dataset", "cub200", "--data-dir", "{birds}", "--format", "imagefolder", "--out",
                      "{scratch}/exists"], r"exists already exists; choose a new folder"),
     ("data.synthbirds", ["--out", "{scratch}/b", "--num-classes", "0"], r"invalid synthbirds spec: num_classes"),
+    ("data.synthbirds", ["--out", "/proc/no/such/folder"], r"^error: /proc/no.*: No such file or directory"),
+    ("train", ["--model", "resnet50.badtag"], r"model.backbone \(--model\): Invalid pretrained tag \(badtag\)"),
+    ("train", ["train.log_every=0"], r"train.log_every must be at least 1, got 0"),
+    ("train", ["data.batch_size=0"], r"data.batch_size must be at least 1, got 0"),
+    ("train", ["output_dir={scratch}/runs", "run_name=used", "data.root=/nowhere"],
+     r"run folder .*used already exists and is not empty.*--resume"),  # before the missing data is even looked at
+    ("data.check", ["--dataset", "aircraft100", "--data-dir", "{scratch}", "data.annotation_level=genus"],
+     r"data.annotation_level: 'genus' is not an FGVC-Aircraft level"),
+    ("evaluate", ["--checkpoint", "{no_val}", "--split", "val"], r"the val split .* is empty .*data.val_fraction=0"),
+    ("visualize", ["--checkpoint", "{no_val}", "--split", "val"], r"the val split .* is empty"),
+    ("evaluate", ["--checkpoint", "{no_val}", "--tta", "multiscale", "--scales", "0"],
+     r"scales: 0 makes 0 x 0 views, which test_resnet cannot take: a view needs at least one pixel"),
+    ("evaluate", ["--checkpoint", "{no_val}", "--output", "{scratch}/no/such/folder/e.json"],
+     r"folder/e.json: No such file or directory"),
 ])
 def test_every_cli_answers_a_mistake_with_one_line(tool: str, args: list[str], expected: str, scratch: Path,
-                                                   small_birds: Path, capsys) -> None:
+                                                   small_birds: Path, request, capsys) -> None:
     module = importlib.import_module(f"fgvc.{tool}")
-    status = module.main([arg.format(scratch=scratch, birds=small_birds) for arg in args])
+    places = {"scratch": scratch, "birds": small_birds}
+    if any("{no_val}" in arg for arg in args):
+        places["no_val"] = request.getfixturevalue("no_val_run")
+    capsys.readouterr()
+    status = module.main([arg.format(**places) for arg in args])
     assert_one_error_line(status, capsys.readouterr().err, expected)
 
 

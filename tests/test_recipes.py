@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fgvc import train as train_cli
-from fgvc.build import head_options
+from fgvc.build import build_preprocessing, head_options, with_preprocessing
 from fgvc.config import (
     RECIPES_DIR,
     Config,
@@ -120,8 +120,9 @@ def test_no_recipe_is_a_copy_of_another() -> None:
 def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path: Path, capsys) -> None:
     assert train_cli.main(["--print-config", "model.head=wsdan", f"output_dir={tmp_path}"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    expected = to_dict(load_config(default_recipe(None), ["model.head=wsdan", f"output_dir={tmp_path}"]))
-    assert printed == expected and printed["model"]["backbone"] == "test_resnet"
+    cfg = load_config(default_recipe(None), ["model.head=wsdan", f"output_dir={tmp_path}"])
+    assert printed == to_dict(with_preprocessing(cfg, build_preprocessing(cfg)))  # what the run would save
+    assert printed["model"]["backbone"] == "test_resnet" and printed["data"]["interpolation"] == "bilinear"
     assert list(tmp_path.iterdir()) == []
     assert train_cli.main(["--print-config", "--config", "cub200/isqrt_resnet50"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["model"]["head"] == "isqrt"

@@ -4,7 +4,8 @@ Datasets are registered by name (`fgvc.list_datasets()`); each builder takes the
 name and keyword options named after the data.* config keys they correspond to (val_fraction, split_seed,
 download, annotation_level, remove_banner; synthbirds takes its generation `spec`). Items are raw samples: a dict
 with the decoded image (H x W x 3 uint8), label, index and, where the dataset has them, bbox (fgvc.boxes), parts
-and attributes.
+and attributes. A dataset also offers `classes`, `targets`, `part_names`, `image_path(i)` and, for the localization
+metrics, `has_boxes` and `discriminative_parts` (per class, the indices of the parts that tell it apart, or None).
 """
 
 from __future__ import annotations

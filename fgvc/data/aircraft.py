@@ -17,6 +17,8 @@ import numpy as np
 from fgvc.boxes import from_inclusive_corners
 from fgvc.data.annotations import AnnotationError, annotation_error, parse_float, read_records
 from fgvc.data.image_list import ImageTable
+from fgvc.data.splits import check_split
+from fgvc.errors import OptionError
 
 LEVELS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
 BANNER_HEIGHT = 20
@@ -38,9 +40,9 @@ def load_aircraft(root: str | os.PathLike, split: str, *, level: str = "variant"
                   remove_banner: bool = True) -> ImageTable:
     """The official `split` ("train", "val", "trainval" or "test") at annotation `level`."""
     if level not in LEVELS:
-        raise ValueError(f"unknown FGVC-Aircraft annotation level {level!r}; choose one of {', '.join(LEVELS)}")
-    if split not in ("train", "val", "trainval", "test"):
-        raise ValueError(f"unknown split {split!r}; FGVC-Aircraft has train, val, trainval and test")
+        raise OptionError("annotation_level", f"{level!r} is not an FGVC-Aircraft level; choose one of "
+                                              f"{', '.join(LEVELS)}")
+    check_split(split)
     data = resolve_data_dir(root)
     classes = _class_names(data / LEVELS[level])
     index = {name: i for i, name in enumerate(classes)}

@@ -255,8 +255,8 @@ def class_name(attributes: dict[str, str]) -> str:
 class RenderedBird:
     """One drawn image with its annotations, in pixel coordinates of the image (x right, y down).
 
-    Keypoints use the pixel-centre convention (pixel k has its centre at k) as Albumentations does; the box uses
-    edges (x, y, width, height), as CUB's bounding_boxes.txt does.
+    Keypoints use the pixel-centre convention (pixel k has its centre at k) as Albumentations does; the box is
+    fgvc's (x0, y0, x1, y1) in pixel edges (fgvc.boxes), written as CUB's (x, y, width, height).
     """
 
     image: np.ndarray  # H x W x 3 uint8

@@ -58,6 +58,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *, split: str = "test", data_ro
     if unknown:
         raise OptionError("tta", f"{', '.join(unknown)} unknown; choose from {', '.join(TTA_KINDS)}")
     loaded = load_model(path, device=device, data_root=data_root)
+    if "multiscale" in tta:
+        check_scales(loaded, scales)
     dataset = dataset_for(loaded, split)
     cfg, classes = loaded.config, len(dataset.classes)
 
@@ -81,6 +83,17 @@ def evaluate_checkpoint(path: str | os.PathLike, *, split: str = "test", data_ro
             report.probabilities[index] = F.softmax(scores, dim=-1).numpy()
             report.image_paths[index] = str(dataset.image_path(index))
     return report
+
+
+def check_scales(loaded: LoadedModel, scales: Sequence[float]) -> None:
+    """Refuse multi-scale views that cannot be made or that the backbone cannot take (a ViT built for one input
+    size), before any pass."""
+    for scale in scales:
+        side = round(loaded.image_size * scale)
+        problem = "a view needs at least one pixel" if side < 1 else loaded.model.refuses_size(side, side)
+        if problem is not None:
+            raise OptionError("scales", f"{scale:g} makes {side} x {side} views, which {loaded.config.model.backbone} "
+                                        f"cannot take: {problem}")
 
 
 def write_confusion_csv(confusion: torch.Tensor, classes: list[str], path: Path) -> None:

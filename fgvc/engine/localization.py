@@ -82,8 +82,10 @@ def localization_line(metrics: dict[str, float]) -> str:
 
 
 def meter_for(dataset) -> LocalizationMeter | None:
-    """A meter for a dataset with boxes or with the parts that discriminate each class (the dataset knows them:
-    synthbirds does); None when the dataset has nothing to localize against."""
-    if not dataset.has_boxes and dataset.discriminative_parts is None:
+    """A meter for a dataset with boxes (`has_boxes`) or with the parts that discriminate each class
+    (`discriminative_parts`: synthbirds knows them); None when the dataset has nothing to localize against, or does
+    not say (a dataset of one's own without these attributes)."""
+    parts = getattr(dataset, "discriminative_parts", None)
+    if not getattr(dataset, "has_boxes", False) and parts is None:
         return None
-    return LocalizationMeter(dataset.discriminative_parts)
+    return LocalizationMeter(parts)

@@ -96,11 +96,18 @@ class Optimization:
 class NonFiniteLoss(FGVCError, FloatingPointError):
     """A training loss that is NaN or infinite: training stops there instead of carrying NaN weights onward."""
 
-    def __init__(self, state: TrainState, losses: dict[str, torch.Tensor]) -> None:
-        terms = ", ".join(f"{name} {float(value.detach()):.4g}" for name, value in losses.items())
-        super().__init__(f"the training loss is not finite at step {state.step + 1} (epoch {state.epoch + 1}, "
-                         f"batch {state.batch + 1}): {terms}")
-        self.step = state.step + 1
+    def __init__(self, step: int, epoch: int, batch: int, losses: dict[str, torch.Tensor]) -> None:
+        terms = ", ".join(f"{name} {float(value):.4g}" for name, value in losses.items())
+        super().__init__(f"the training loss is not finite at step {step} (epoch {epoch + 1}, batch {batch + 1}): "
+                         f"{terms}")
+
+
+def check_finite(group: list[tuple[int, dict[str, torch.Tensor]]], state: TrainState) -> None:
+    """Raise NonFiniteLoss for the first batch of an optimizer step's group whose loss is NaN or infinite. One
+    device sync per step, before the step is taken."""
+    if group and not torch.stack([torch.isfinite(losses["loss"]) for _, losses in group]).all():
+        batch, losses = next(entry for entry in group if not torch.isfinite(entry[1]["loss"]))
+        raise NonFiniteLoss(state.step + 1, state.epoch, batch, losses)
 
 
 AfterStep = Callable[[TrainState, Callable[[], dict[str, float]]], bool]
@@ -117,13 +124,14 @@ def train_one_epoch(model: FGVCModel, criterion: nn.Module, optimization: Optimi
     `optimization.grad_accum` batches are summed per step; the epoch's last step averages over the batches left. A
     batch with no readable image ({}) still counts as a batch, so the schedule is unchanged. `mixer`
     (fgvc.mixing) mixes each batch before the step, with draws that depend on the batch's position. A non-finite
-    loss raises NonFiniteLoss before its backward pass, so no step is taken from it.
+    loss raises NonFiniteLoss before the optimizer step, so no step is taken from it.
     """
     model.train()
     batches_in_epoch = state.batch + len(loader)
     grad_accum = optimization.grad_accum
     totals = torch.zeros(3, device=runtime.device)  # loss x images, correct, images -- summed on device, read rarely
     start = time.perf_counter()
+    group: list[tuple[int, dict[str, torch.Tensor]]] = []  # (batch, losses) of the step being accumulated
     for batch in loader:
         group_start = state.batch - state.batch % grad_accum
         group_size = min(grad_accum, batches_in_epoch - group_start)
@@ -133,9 +141,8 @@ def train_one_epoch(model: FGVCModel, criterion: nn.Module, optimization: Optimi
                 batch = mixer(batch, model, epoch=state.epoch, index=state.batch)
             with runtime.autocast():
                 outputs, losses = model.training_step(batch, criterion)
-            if not torch.isfinite(losses["loss"]):
-                raise NonFiniteLoss(state, losses)
             optimization.backward(losses["loss"] / group_size)
+            group.append((state.batch, {name: value.detach() for name, value in losses.items()}))
             with torch.no_grad():
                 n = batch["label"].shape[0]
                 correct = (outputs["logits"].argmax(dim=1) == batch["label"]).sum()
@@ -143,6 +150,8 @@ def train_one_epoch(model: FGVCModel, criterion: nn.Module, optimization: Optimi
         state.batch += 1
         if state.batch - group_start < group_size:
             continue
+        check_finite(group, state)
+        group.clear()
         optimization.step()
         state.step += 1
         if after_step is not None and after_step(state, functools.partial(_stats, totals, start, optimization)):

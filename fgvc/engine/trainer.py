@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import fgvc
-from fgvc.build import Training, build_training
+from fgvc.build import Training, build_training, run_folder
 from fgvc.config import Config, to_dict, to_yaml
 from fgvc.engine.checkpoint import load_checkpoint, save_checkpoint
 from fgvc.engine.localization import meter_for
@@ -52,10 +52,14 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
     saved config); a run that died before its first checkpoint starts over in its folder. `stop_after_steps` stops
     (and checkpoints) after that many optimizer steps in total, as an interruption would."""
     start = time.perf_counter()
+    run_dir = Path(resume_dir) if resume_dir is not None else run_folder(cfg)
+    if resume_dir is None:
+        refuse_used(run_dir)  # before any data is generated or read
     setup = build_training(cfg)
-    run_dir = create_run_dir(setup.run_dir, setup.config) if resume_dir is None else Path(resume_dir)
     state = TrainState()
-    if resume_dir is not None:
+    if resume_dir is None:
+        create_run_dir(run_dir, setup.config)
+    else:
         _resume(run_dir, setup, state)
     if setup.compile:
         setup.model.compile()
@@ -64,26 +68,19 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
     try:
         with run.stop.on_signals():
             completed = run.epochs()
+        if not completed:
+            echo(f"stopped at step {state.step}; continue with: python -m fgvc.train --resume {run_dir}")
+            return RunResult(run_dir, completed=False, seconds=time.perf_counter() - start)
+        val, test, best_epoch = run.test()
     except NonFiniteLoss as error:
-        log.close()
         raise RunError(f"{error}; {run.kept_checkpoint()}, and no checkpoint of non-finite weights was written. "
                        "Lower optim.lr, or look for broken inputs") from None
-    if not completed:
+    finally:
         log.close()
-        echo(f"stopped at step {state.step}; continue with: python -m fgvc.train --resume {run_dir}")
-        return RunResult(run_dir, completed=False, seconds=time.perf_counter() - start)
-    best = load_checkpoint(run_dir / BEST, map_location=setup.runtime.device)
-    setup.model.load_state_dict(best["model"])
-    test = evaluate(setup.model, setup.test_loader, setup.runtime, num_classes=len(setup.classes),
-                    localization=meter_for(setup.test_loader.dataset))
-    result = RunResult(run_dir, completed=True, val=best["val"], test=test, best_epoch=best["epoch"],
-                       seconds=time.perf_counter() - start)
-    log.write("test", state.step, checkpoint=BEST, best_epoch=best["epoch"], **test)
-    log.close()
-    (run_dir / RESULTS_FILE).write_text(dumps(
-        {"checkpoint": BEST, "best_epoch": best["epoch"], "val": best["val"], "test": test,
-         "seconds": round(result.seconds, 1)}, indent=2) + "\n")
-    return result
+    seconds = time.perf_counter() - start
+    (run_dir / RESULTS_FILE).write_text(dumps({"checkpoint": BEST, "best_epoch": best_epoch, "val": val,
+                                               "test": test, "seconds": round(seconds, 1)}, indent=2) + "\n")
+    return RunResult(run_dir, completed=True, val=val, test=test, best_epoch=best_epoch, seconds=seconds)
 
 
 @dataclass
@@ -99,6 +96,8 @@ class _Run:
     def __post_init__(self) -> None:
         batches, grad_accum = self.setup.train_loader.batches_per_epoch, self.setup.optimization.grad_accum
         self.progress = TrainingProgress(self.setup.epochs, batches, -(-batches // grad_accum), self.setup.log_every)
+        # The step of the `last` checkpoint on disk (a resumed run's restored one), for what a failure leaves.
+        self.saved_step = self.state.step if (self.run_dir / LAST).is_file() else None
 
     def epochs(self) -> bool:
         """Train the remaining epochs; False when stopped early (after checkpointing)."""
@@ -143,6 +142,16 @@ class _Run:
         self.log.write("epoch", state.step, **record)
         self.checkpoint_last()
 
+    def test(self) -> tuple[dict | None, dict[str, float], int]:
+        """The selected checkpoint on the test split, once: (its validation metrics, test metrics, its epoch)."""
+        setup = self.setup
+        best = load_checkpoint(self.run_dir / BEST, map_location=setup.runtime.device)
+        setup.model.load_state_dict(best["model"])
+        test = evaluate(setup.model, setup.test_loader, setup.runtime, num_classes=len(setup.classes),
+                        localization=meter_for(setup.test_loader.dataset))
+        self.log.write("test", self.state.step, checkpoint=BEST, best_epoch=best["epoch"], **test)
+        return best["val"], test, best["epoch"]
+
     def checkpoint_last(self) -> None:
         setup = self.setup
         optimization = setup.optimization
@@ -151,6 +160,7 @@ class _Run:
                          "scaler": optimization.scaler.state_dict() if optimization.scaler is not None else None,
                          "state": asdict(self.state), "rng": _rng_state(), "config": to_dict(setup.config),
                          "classes": setup.classes})
+        self.saved_step = self.state.step
 
     def save(self, name: str, payload: dict) -> None:
         """Write a checkpoint, refusing weights that are no longer finite (the loss may still have been)."""
@@ -163,11 +173,9 @@ class _Run:
         save_checkpoint(self.run_dir / name, payload)
 
     def kept_checkpoint(self) -> str:
-        last = self.run_dir / LAST
-        if not last.is_file():
+        if self.saved_step is None:
             return "no checkpoint had been written yet"
-        saved = load_checkpoint(last)["state"]
-        return f"the last good checkpoint, {last} (step {saved['step']}), is kept"
+        return f"the last good checkpoint, {self.run_dir / LAST} (step {self.saved_step}), is kept"
 
 
 def _resume(run_dir: Path, setup: Training, state: TrainState) -> None:
@@ -194,11 +202,16 @@ def _resume(run_dir: Path, setup: Training, state: TrainState) -> None:
     echo(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch}, step {state.step}")
 
 
-def create_run_dir(run_dir: Path, cfg: Config) -> Path:
-    """A new run folder with the resolved config and where it came from; an existing non-empty folder is refused."""
+def refuse_used(run_dir: Path) -> None:
+    """A new run never writes into a folder that holds anything."""
     if run_dir.exists() and any(run_dir.iterdir()):
         raise OutputExists(f"run folder {run_dir} already exists and is not empty; choose another run_name, or "
                            f"continue it with: python -m fgvc.train --resume {run_dir}")
+
+
+def create_run_dir(run_dir: Path, cfg: Config) -> Path:
+    """A new run folder with the resolved config and where it came from."""
+    refuse_used(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
     meta = {"git_commit": _git_commit(), "fgvc": fgvc.__version__, "torch": torch.__version__,

@@ -32,11 +32,6 @@ class Backbone(nn.Module):
         self.channels_last_output = getattr(model, "output_fmt", "NCHW") == "NHWC"
         self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
 
-    @property
-    def pretrained_cfg(self) -> dict[str, Any]:
-        """timm's description of the weights: input size, mean, std, interpolation, ..."""
-        return dict(getattr(self.model, "pretrained_cfg", None) or {})
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.model(images)[-1] if self.stage_output else self.model.forward_features(images)
         if features.ndim == 3:
@@ -46,6 +41,20 @@ class Backbone(nn.Module):
         if self.channels_last_output:
             return features.permute(0, 3, 1, 2)
         return features
+
+    def refuses_size(self, height: int, width: int) -> str | None:
+        """Why the backbone cannot take a height x width input, or None: a patch-embedding model needs sizes its
+        patches divide, and the size it was built for unless it resizes its position embeddings on the fly."""
+        patch_embed = getattr(self.model, "patch_embed", None)
+        if patch_embed is None or not hasattr(patch_embed, "patch_size"):
+            return None
+        patch_h, patch_w = patch_embed.patch_size
+        built = tuple(getattr(patch_embed, "img_size", None) or ())
+        if getattr(patch_embed, "strict_img_size", False) and built and (height, width) != built:
+            return f"it takes {built[0]} x {built[1]} inputs only"
+        if not getattr(patch_embed, "dynamic_img_pad", False) and (height % patch_h or width % patch_w):
+            return f"its {patch_h} x {patch_w} patches must divide the input size"
+        return None
 
     def token_grid(self, image_size: tuple[int, int], count: int) -> tuple[int, int]:
         """The (rows, columns) of patch tokens for an input of `image_size`, from the model's patch embedding."""
@@ -135,8 +144,13 @@ def _create(name: str, kwargs: dict[str, Any], backbone_args: dict[str, Any]) ->
 
 def check_backbone_name(name: str) -> None:
     """Refuse a name timm does not know, suggesting the closest ones (resnet5000 -> resnet50, ...)."""
-    architecture = name.split(".", 1)[0]  # a pretrained tag (resnet50.a1_in1k) is checked by timm itself
+    architecture = name.split(".", 1)[0]
     if timm.is_model(architecture):
+        try:
+            timm.get_pretrained_cfg(name)  # a pretrained tag (resnet50.a1_in1k) must be one of the architecture's
+        except RuntimeError as error:
+            tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{architecture}.*")]
+            raise OptionError("backbone", f"{error} Its tags: {', '.join(tags) or 'none'}") from None
         return
     close = difflib.get_close_matches(architecture, timm.list_models(), n=6, cutoff=0.6)
     hint = f"; similar timm names: {', '.join(close)}" if close else ""

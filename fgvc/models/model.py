@@ -65,6 +65,11 @@ class FGVCModel(nn.Module):
         features = self.forward_features(images) if features is None else features
         return self.head.class_activation_maps(features, labels)
 
+    def refuses_size(self, height: int, width: int) -> str | None:
+        """Why the model cannot take a height x width input (a ViT built for one size), or None."""
+        refuse = getattr(self.backbone, "refuses_size", None)
+        return refuse(height, width) if refuse is not None else None
+
     def grad_cam(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Grad-CAM of `labels` on backbone features, whatever the head."""
         return grad_cam(self.head, features, labels)
