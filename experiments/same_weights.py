@@ -1,8 +1,8 @@
 """Final weights of short training runs, hashed, from any checkout of fgvc: the proof that a refactor left training
 unchanged.
 
-    python experiments/same_weights.py --code /tmp/old-checkout --out tests/data/reference_weights.safetensors
-    python experiments/same_weights.py --code /tmp/old-checkout --quick-start    # the full quick start, ~4 minutes
+    python experiments/same_weights.py --against /tmp/old --quick-start --out experiments/results/same_weights.md
+    python experiments/same_weights.py --code /tmp/old --weights tests/data/reference_weights.safetensors
 
 Every run goes through the command line (`python -m fgvc.train ...`, which with no --config or --dataset is the
 quick start on every version), in a fresh process with PYTHONPATH pointing at `--code` (default: this checkout), so
@@ -10,7 +10,7 @@ the same script measures the code before and after a change. The tiny runs train
 tree (tests/conftest.py's SMALL_SPEC) with one thread; their weights are written as safetensors (one key prefix a
 run) with each run's SHA-256, torch's version and the CPU's kernel capability in the metadata, which
 tests/test_build.py compares the current code against (bitwise where torch and the CPU capability are the same,
-since kernels round differently elsewhere). The full quick start prints its SHA-256 only.
+since kernels round differently elsewhere). The table gives each run's hash per checkout, side by side.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from report import emit, header
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parents[1]
@@ -62,34 +63,61 @@ def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def tiny_runs(code: Path, scratch: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The final weights of each tiny run, trained by `code`."""
+    env = {**os.environ, "FGVC_DATA_ROOT": str(scratch / "cache")}
+    tree = scratch / "birds"
+    run(code, ["-m", "fgvc.data.synthbirds", "--out", str(tree), *SMALL_TREE], env)
+    weights = {}
+    for name, overrides in TINY_RUNS.items():
+        run(code, ["-m", "fgvc.train", "--output-dir", str(scratch / "runs"), f"run_name={name}", f"data.root={tree}",
+                   *TINY, *overrides], env)
+        weights[name] = final_weights(scratch / "runs" / name)
+    return weights
+
+
+def quick_start(code: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    """The final weights of the quick start (`python -m fgvc.train`, seed 0) trained by `code`."""
+    env = {**os.environ, "FGVC_DATA_ROOT": str(scratch / "cache")}
+    run(code, ["-m", "fgvc.train", "--output-dir", str(scratch / "runs"), "run_name=quickstart"], env)
+    return final_weights(scratch / "runs" / "quickstart")
+
+
+def hashes(code: Path, with_quick_start: bool) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as scratch:
+        found = {name: weights_sha256(w) for name, w in tiny_runs(code, Path(scratch) / "tiny").items()}
+        if with_quick_start:
+            found["quick start (full, seed 0)"] = weights_sha256(quick_start(code, Path(scratch) / "quick"))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--code", type=Path, default=HERE, help="the checkout whose fgvc trains")
-    parser.add_argument("--out", type=Path, help="safetensors file for the tiny runs' weights")
-    parser.add_argument("--quick-start", action="store_true", help="hash the full quick start instead")
+    parser.add_argument("--against", type=Path, help="a second checkout: hash both, side by side, into a table")
+    parser.add_argument("--quick-start", action="store_true", help="also train and hash the full quick start")
+    parser.add_argument("--weights", type=Path, help="safetensors file for --code's tiny runs' weights")
+    parser.add_argument("--out", type=Path, help="write the markdown table here (also printed)")
     args = parser.parse_args()
     code = args.code.resolve()
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        env = {**os.environ, "FGVC_DATA_ROOT": str(scratch / "cache")}
-        if args.quick_start:
-            run(code, ["-m", "fgvc.train", "--output-dir", str(scratch / "runs"), "run_name=quickstart"], env)
-            digest = weights_sha256(final_weights(scratch / "runs" / "quickstart"))
-            print(f"quick start, seed 0: final weights SHA-256 {digest}")
-            return
-        tree = scratch / "birds"
-        run(code, ["-m", "fgvc.data.synthbirds", "--out", str(tree), *SMALL_TREE], env)
-        tensors, hashes = {}, {}
-        for name, overrides in TINY_RUNS.items():
-            run(code, ["-m", "fgvc.train", "--output-dir", str(scratch / "runs"), f"run_name={name}",
-                       f"data.root={tree}", *TINY, *overrides], env)
-            weights = final_weights(scratch / "runs" / name)
-            hashes[name] = weights_sha256(weights)
-            tensors.update({f"{name}/{key}": value.contiguous() for key, value in weights.items()})
-            print(f"{name}: final weights SHA-256 {hashes[name]}")
-        if args.out is not None:
-            machine = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-            save_file(tensors, str(args.out), metadata={**machine, **{f"sha256/{n}": h for n, h in hashes.items()}})
+    if args.weights is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            weights = tiny_runs(code, Path(scratch))
+        machine = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        tensors = {f"{name}/{key}": value.contiguous() for name, w in weights.items() for key, value in w.items()}
+        metadata = {**machine, **{f"sha256/{name}": weights_sha256(w) for name, w in weights.items()}}
+        save_file(tensors, str(args.weights), metadata=metadata)
+    codes = [code] + ([args.against.resolve()] if args.against is not None else [])
+    found = [hashes(c, args.quick_start) for c in codes]
+    lines = [*header("Final weights of short runs, by checkout"),
+             f"Checkouts: {', '.join(f'`{c}`' for c in codes)} (SHA-256 of the final weights, first 16 hex digits).",
+             "", "| run | " + " | ".join(c.name for c in codes) + (" | equal |" if len(codes) > 1 else ""),
+             "|---|" + "---|" * len(codes) + ("---|" if len(codes) > 1 else "")]
+    for name in found[0]:
+        digests = [f[name] for f in found]
+        equal = f" {'yes' if len(set(digests)) == 1 else '**no**'} |" if len(codes) > 1 else ""
+        lines.append(f"| {name} | " + " | ".join(f"`{d[:16]}`" for d in digests) + " |" + equal)
+    emit([*lines, ""], args.out)
 
 
 if __name__ == "__main__":

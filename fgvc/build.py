@@ -94,15 +94,23 @@ def build_runtime(cfg: Config, device: str | None = None) -> Runtime:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+# data.* keys that only some datasets read. Set away from its default for a dataset that does not read it, a key
+# is an error, not silently ignored; val_fraction (0 also means "no validation split" to the trainer) and the
+# synthbirds spec (the quick start's, under a data.dataset override) are exempt.
+DATASET_OPTIONS = ("val_fraction", "split_seed", "download", "annotation_level", "remove_banner")
+
+
 def dataset_options(data: DataConfig) -> dict[str, Any]:
     """The data.* values the dataset's builder takes: each builder names its options after the keys."""
     builder = registered(DATASETS, data.dataset, "data.dataset")
     accepted = inspect.signature(builder).parameters
-    if data.download and "download" not in accepted:
-        raise ConfigError(f"data.download ({FLAGS['data.download']}): {data.dataset} has no download")
-    values = {"val_fraction": data.val_fraction, "split_seed": data.split_seed, "download": data.download,
-              "annotation_level": data.annotation_level, "remove_banner": data.remove_banner,
-              "spec": data.synthbirds}
+    default = DataConfig()
+    for name in DATASET_OPTIONS:
+        if name != "val_fraction" and name not in accepted and getattr(data, name) != getattr(default, name):
+            flag = f" ({FLAGS[f'data.{name}']})" if f"data.{name}" in FLAGS else ""
+            raise ConfigError(f"data.{name}{flag}: {data.dataset} has no such option (it is set to "
+                              f"{getattr(data, name)!r})")
+    values = {name: getattr(data, name) for name in DATASET_OPTIONS} | {"spec": data.synthbirds}
     return {name: value for name, value in values.items() if name in accepted}
 
 

@@ -75,8 +75,10 @@ def test_registry_builds_the_loader(small_birds: Path) -> None:
         build_dataset(DataConfig(dataset="cub20", root=str(small_birds)), "test")
     with pytest.raises(ConfigError, match=r"data.root \(--data-dir\): must point at CUB_200_2011"):
         build_dataset(DataConfig(dataset="cub200"), "test")
-    with pytest.raises(ConfigError, match=r"data.download \(--download\): folder has no download"):
+    with pytest.raises(ConfigError, match=r"data.download \(--download\): folder has no such option"):
         build_dataset(DataConfig(dataset="folder", root=str(small_birds), download=True), "test")
+    with pytest.raises(ConfigError, match="data.annotation_level: cub200 has no such option .*'family'"):
+        build_dataset(DataConfig(dataset="cub200", root=str(small_birds), annotation_level="family"), "test")
     with pytest.raises(OptionError, match="^split: .dev. is unknown"):
         build_dataset(DataConfig(dataset="cub200", root=str(small_birds)), "dev")
 
