@@ -268,7 +268,7 @@ def _read_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
     if content is None:
         return OmegaConf.create({})
     if not isinstance(content, dict):
@@ -354,8 +354,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def from_dict(values: dict[str, Any], source: str = "stored config") -> Config:
-    """A Config from a saved run's plain dict (a checkpoint's, or its config.yaml); validated against the schema."""
+    """A Config from a saved run's plain dict (a checkpoint's, or its config.yaml); validated against the schema.
+    A run saves every section, so one that lacks a section is damaged, not a request for defaults."""
     values = OmegaConf.create(values)
+    missing = [f.name for f in fields(Config) if f.name not in values]
+    if missing:
+        raise ConfigError(f"{source}: not a whole saved config (it lacks {', '.join(missing)})")
     for key, value in KEYS_ADDED_LATER.items():
         section, name = key.rsplit(".", 1)
         saved = OmegaConf.select(values, section)

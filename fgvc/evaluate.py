@@ -21,6 +21,7 @@ from fgvc.engine.localization import localization_line
 from fgvc.engine.logging import dumps
 from fgvc.engine.tta import AVERAGES, DEFAULT_SCALES
 from fgvc.errors import command
+from fgvc.files import write_atomically
 from fgvc.viz import confusion_figure, save_figure
 
 
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_name(f"{checkpoint.stem}-{args.split}.json")
     stem = output.with_suffix("")
-    output.write_text(dumps(report.to_json(), indent=2) + "\n")
+    write_atomically(output, dumps(report.to_json(), indent=2) + "\n")
     write_confusion_csv(report.confusion, report.classes, stem.with_name(f"{stem.name}-confusion.csv"))
     save_figure(confusion_figure(report.confusion, report.classes), stem.with_name(f"{stem.name}-confusion.png"))
     if args.save_probabilities:

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fgvc import files
 from fgvc.engine import checkpoint
 from fgvc.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fgvc.files import WriteError
 
 
 def sample_state() -> dict:
@@ -62,8 +64,8 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) ->
     def full(_descriptor: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", full)
-    with pytest.raises(CheckpointError, match=f"disk full while writing {path}"):
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(WriteError, match=f"disk full while writing {path}"):
         save_checkpoint(path, {"generation": 2})
     monkeypatch.undo()
     assert load_checkpoint(path) == {"generation": 1}

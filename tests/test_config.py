@@ -129,3 +129,16 @@ def test_schema_defaults_are_a_general_recipe_and_the_quick_start_its_own() -> N
 
 def test_there_are_recipes() -> None:
     assert CONFIGS
+
+
+def test_a_damaged_saved_config_is_refused_not_filled_with_defaults(tmp_path: Path) -> None:
+    saved = tmp_path / "config.yaml"
+    whole = to_yaml(load_config()).splitlines(keepends=True)
+    for damaged in ("", "".join(whole[:30])):  # empty, or cut after its data section
+        saved.write_text(damaged)
+        with pytest.raises(ConfigError, match=f"run config {saved}: not a whole saved config"):
+            load_run_config(saved)
+    saved.write_text("".join(whole)[:200])  # cut inside a line: not YAML, said on one line
+    with pytest.raises(ConfigError, match="is not valid YAML") as caught:
+        load_run_config(saved)
+    assert "\n" not in str(caught.value)

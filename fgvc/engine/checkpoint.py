@@ -1,30 +1,28 @@
 """Checkpoints that are written atomically, verified on load, and never execute code when read.
 
 A checkpoint file holds the serialized state together with its SHA-256: {"format", "sha256", "payload"}, so a
-flipped bit is caught on load instead of loading silently. Writing goes to a temporary file in the same folder
-(a rename across filesystems would be a copy), which is fsynced and renamed over the target, and the folder is
-fsynced too; the previous checkpoint stays in place until the new one is complete.
+flipped bit is caught on load instead of loading silently. Writing is atomic (fgvc.files): the previous checkpoint
+stays in place until the new one is complete.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fgvc.errors import FGVCError
+from fgvc.files import write_atomically
 
 FORMAT = "fgvc-checkpoint-1"
 
 
 class CheckpointError(FGVCError, RuntimeError):
-    """A checkpoint that cannot be written or read; the message names the file."""
+    """A checkpoint that cannot be read; the message names the file. (Writing fails with fgvc.files.WriteError.)"""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -35,23 +33,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     wrapped = io.BytesIO()
     torch.save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
                 "payload": torch.frombuffer(payload, dtype=torch.uint8)}, wrapped)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(wrapped.getbuffer())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        if error.errno == errno.ENOSPC:
-            raise CheckpointError(f"disk full while writing {path}") from error
-        raise CheckpointError(f"could not write {path}: {error}") from error
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    write_atomically(path, wrapped.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

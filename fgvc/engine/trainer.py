@@ -28,6 +28,7 @@ from fgvc.engine.localization import meter_for
 from fgvc.engine.logging import MetricsLog, TrainingProgress, dumps, echo
 from fgvc.engine.loop import NonFiniteLoss, TrainState, evaluate, train_one_epoch
 from fgvc.errors import FGVCError, OutputExists
+from fgvc.files import write_atomically
 
 CONFIG_FILE, META_FILE, RESULTS_FILE = "config.yaml", "meta.json", "results.json"
 LAST, BEST = "last.pt", "best.pt"
@@ -78,8 +79,8 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
     finally:
         log.close()
     seconds = time.perf_counter() - start
-    (run_dir / RESULTS_FILE).write_text(dumps({"checkpoint": BEST, "best_epoch": best_epoch, "val": val,
-                                               "test": test, "seconds": round(seconds, 1)}, indent=2) + "\n")
+    write_atomically(run_dir / RESULTS_FILE, dumps({"checkpoint": BEST, "best_epoch": best_epoch, "val": val,
+                                                   "test": test, "seconds": round(seconds, 1)}, indent=2) + "\n")
     return RunResult(run_dir, completed=True, val=val, test=test, best_epoch=best_epoch, seconds=seconds)
 
 
@@ -213,10 +214,10 @@ def create_run_dir(run_dir: Path, cfg: Config) -> Path:
     """A new run folder with the resolved config and where it came from."""
     refuse_used(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+    write_atomically(run_dir / CONFIG_FILE, to_yaml(cfg))  # whole or absent: --resume reads it back
     meta = {"git_commit": _git_commit(), "fgvc": fgvc.__version__, "torch": torch.__version__,
             "python": sys.version.split()[0], "command": sys.argv, "started": datetime.now().isoformat()}
-    (run_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_atomically(run_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     return run_dir
 
 
