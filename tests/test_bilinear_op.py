@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from fgvc_kernels import SQRT_MODES, BilinearPool, bilinear_pool, bilinear_pool_naive
-from fgvc_kernels import bilinear as bilinear_module
-from fgvc_kernels.testing import saved_tensor_bytes
+from fgvc_kernels import SQRT_MODES, BilinearPool, bilinear_pool, bilinear_torch
+from fgvc_kernels.bilinear import runs_triton
+from fgvc_kernels.testing import bilinear_pool_naive, saved_tensor_bytes
 
 CASES = [(mode, cross, center) for mode in SQRT_MODES for cross in (False, True) for center in (False, True)]
 
@@ -47,7 +50,7 @@ def test_gradcheck_options(normalize: bool, recompute: bool, tokens: bool) -> No
 def test_matches_naive_composition_with_dead_channel_and_zero_sample(sqrt_mode: str, cross: bool, center: bool,
                                                                      block_bytes: int | None, monkeypatch) -> None:
     if block_bytes is not None:
-        monkeypatch.setattr(bilinear_module, "EPILOGUE_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(bilinear_torch, "EPILOGUE_BLOCK_BYTES", block_bytes)
     x = features(3, 6, 5, 3).detach()
     x[0, 2] = 0.0  # a dead channel: its row and column of X X^T are exactly zero
     x[1] = 0.0  # an all-zero sample: the 1e-12 clamp must keep it finite
@@ -155,15 +158,15 @@ def test_module_matches_function_and_describes_itself() -> None:
 def test_opcheck_forward_and_backward_ops() -> None:
     x = features(2, 6, 9, dtype=torch.float32)  # the ops take (B, C, N)
     y = features(2, 5, 9, seed=4, dtype=torch.float32)
-    for args in [(x, None, 1 / 9, "signed", 1e-6, True, None, False),
-                 (x, y, 0.5, "smooth", 1e-6, True, torch.float64, True),
-                 (x, y, 1 / 9, "none", 0.0, False, None, False)]:
+    for args in [(x, None, 1 / 9, "signed", 1e-6, True, False, None, False),
+                 (x, y, 0.5, "smooth", 1e-6, True, True, torch.float64, True),
+                 (x, y, 1 / 9, "none", 0.0, False, True, None, False)]:
         torch.library.opcheck(torch.ops.fgvc_kernels.bilinear_pool_forward, args)
-    out, norm = torch.ops.fgvc_kernels.bilinear_pool_forward(x, y, 1 / 9, "signed", 1e-6, True, None, False)
+    out, norm = torch.ops.fgvc_kernels.bilinear_pool_forward(x, y, 1 / 9, "signed", 1e-6, True, False, None, False)
     grad = torch.randn_like(out)
     # The backward op has no derivative of its own (double backward is not supported), so its inputs are plain.
-    torch.library.opcheck(torch.ops.fgvc_kernels.bilinear_pool_backward,
-                          (grad, out.detach(), norm.detach(), x.detach(), y.detach(), 1 / 9, "signed", 1e-6, True))
+    saved = (grad, out.detach(), norm.detach(), x.detach(), y.detach())
+    torch.library.opcheck(torch.ops.fgvc_kernels.bilinear_pool_backward, (*saved, 1 / 9, "signed", 1e-6, True, False))
 
 
 def test_torch_compile_fullgraph_forward_and_backward() -> None:
@@ -175,3 +178,39 @@ def test_torch_compile_fullgraph_forward_and_backward() -> None:
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads(out, [x, y]), grads(expected, [x, y]), strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(("device_type", "dtype", "out_dtype", "capability", "installed", "expected"), [
+    ("cuda", torch.float32, None, (9, 0), True, True),
+    ("cuda", torch.bfloat16, None, (8, 0), True, True),
+    ("cuda", torch.float16, torch.float32, (8, 6), True, True),
+    ("cuda", torch.float64, None, (9, 0), True, False),  # an fp32 accumulator would round it
+    ("cuda", torch.float32, torch.float64, (9, 0), True, False),
+    ("cuda", torch.float16, None, (7, 5), True, False),  # Turing: Triton's dot is FMA there, cuBLAS is faster
+    ("cuda", torch.float32, None, (9, 0), False, False),
+    ("cpu", torch.float32, None, None, True, False),
+])
+def test_dispatch_sends_only_what_the_kernels_compute_exactly_to_triton(device_type, dtype, out_dtype, capability,
+                                                                         installed, expected) -> None:
+    assert runs_triton(device_type, dtype, out_dtype, capability, installed) is expected
+
+
+def test_fp16_keeps_z_in_fp32_for_backward_only() -> None:
+    x = features(2, 8, 3, 3, dtype=torch.float32).detach().relu().half().requires_grad_()
+    out = bilinear_pool(x)
+    assert out.dtype == torch.float16
+    assert saved_tensor_bytes(bilinear_pool, x) == 2 * 8 * 8 * 4 + 2 * 4  # z in fp32, the two norms
+    with torch.no_grad():
+        assert bilinear_pool(x).dtype == torch.float16
+
+
+def test_imports_and_runs_without_triton() -> None:
+    """The op package on a machine without Triton (macOS, Windows): it imports, runs the torch path with autograd, and
+    never loads its Triton module."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, fgvc_kernels\n"
+            "x = torch.randn(2, 4, 3, 3, requires_grad=True)\n"
+            "fgvc_kernels.bilinear_pool(x).sum().backward()\n"
+            "assert x.grad is not None and not fgvc_kernels.bilinear.TRITON_INSTALLED\n"
+            "assert 'fgvc_kernels.bilinear_triton' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
