@@ -122,6 +122,8 @@ def test_memory_held_for_backward() -> None:
     fused = saved_tensor_bytes(bilinear_pool, x)
     assert output_bytes <= fused <= output_bytes + 2 * 4  # z and the two norms
     assert saved_tensor_bytes(lambda t: bilinear_pool(t, recompute=True), x) == 0
+    covariance = saved_tensor_bytes(lambda t: bilinear_pool(t, center=True, sqrt_mode="none", normalize=False), x)
+    assert covariance == 2 * 4  # G = g there: z is not kept, only the two norms
     assert saved_tensor_bytes(bilinear_pool_naive, x) >= 3 * output_bytes  # what the fused op saves
 
 

@@ -273,7 +273,7 @@ def test_gpu_check_dry_run_proves_the_script(tmp_path: Path) -> None:
     script = Path(__file__).resolve().parents[1] / "experiments" / "bilinear" / "gpu_check.py"
     subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(out)], check=True, capture_output=True)
     table = out.read_text()
-    kernel_cases = 2 * 3 * 3  # fp32 and fp16 (the interpreter's bf16 dot is broken) x cases x layouts
-    op_cases = 3 * 3 * 3 + 3 * 3  # eager: dtypes x cases x layouts; compiled: dtypes x cases
+    kernel_cases = 3 * 3 * 3  # fp32, TF32 and fp16 (the interpreter's bf16 dot is broken) x cases x layouts
+    op_cases = 4 * 3 * 3 + 4 * 3  # eager: precisions x cases x layouts; compiled: precisions x cases
     assert f"Parity: {kernel_cases + op_cases} of {kernel_cases + op_cases} rows pass" in table
     assert all(f"| {shape}" in table for shape in ("B-CNN", "WS-DAN", "iSQRT"))

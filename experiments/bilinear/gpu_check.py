@@ -3,10 +3,10 @@
     python experiments/bilinear/gpu_check.py --out experiments/bilinear/results/gpu.md   # one H200, under 5 minutes
     python experiments/bilinear/gpu_check.py --dry-run                                    # CPU, Triton's interpreter
 
-1. Kernel parity against the float64 torch path, forward and backward: fp32 / bf16 / fp16 x self / cross / centred
-   x NCHW / channels-last / (B, N, C) tokens, each in every autotune config the GPU keeps (run explicitly, so a
-   pass does not depend on which config the tuner picks). The cases run in parallel processes, which also compile
-   the kernels into Triton's cache for the later phases.
+1. Kernel parity against the float64 torch path, forward and backward: fp32 (IEEE and TF32) / bf16 / fp16 x self /
+   cross / centred x NCHW / channels-last / (B, N, C) tokens, each in every autotune config the GPU keeps (run
+   explicitly, so a pass does not depend on which config the tuner picks). The cases run in parallel processes,
+   which also compile the kernels into Triton's cache for the later phases.
 2. Op parity through torch.ops + autograd (every case) and torch.compile(fullgraph=True) (each dtype x case).
 3. Forward + backward time at B = 64, bf16, for B-CNN, WS-DAN and iSQRT shapes: the op, the eager naive
    composition, torch.compile of it, and the bare bmm floor (the GEMMs alone), interleaved round by round; achieved
@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -41,14 +42,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report import emit, header  # noqa: E402
 
 from fgvc_kernels import bilinear_pool, bilinear_torch  # noqa: E402
-from fgvc_kernels.bilinear import saved_dtype  # noqa: E402
+from fgvc_kernels.bilinear import produced_dtype  # noqa: E402
+from fgvc_kernels.bilinear_torch import backward_reads_output  # noqa: E402
 from fgvc_kernels.testing import bilinear_pool_naive, saved_tensor_bytes  # noqa: E402
 
 DEVICE = "cpu" if DRY_RUN else "cuda"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """An input dtype, with torch's float32 matmul precision for fp32 ("high" lets the kernels use TF32), and the
+    rounding floor of its tolerance."""
+
+    name: str
+    dtype: torch.dtype
+    floor: float
+    matmul: str = "highest"
+
+
+PRECISIONS = [Precision("float32", torch.float32, 1e-6), Precision("tf32", torch.float32, 5e-3, "high"),
+              Precision("bfloat16", torch.bfloat16, 2e-2), Precision("float16", torch.float16, 3e-3)]
 CASES = ["self", "cross", "centred"]
 LAYOUTS = ["nchw", "channels_last", "tokens"]
-ROUNDING_FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 # Parity shapes cross 128-wide tiles and leave ragged edges: (B, C1, C2, H, W).
 PARITY_SHAPE = (2, 40, 24, 4, 5) if DRY_RUN else (2, 160, 72, 13, 15)
 # Timing shapes: name -> (B, C1, C2 or None for self, N, options)
@@ -77,9 +92,10 @@ def features(dtype: torch.dtype, layout: str, batch: int, channels: int, height:
 
 
 def case_inputs(dtype: torch.dtype, case: str, layout: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """(x, y, options) of one parity case: post-ReLU features, sign-indefinite ones for the centred covariance."""
+    """(x, y, options) of one parity case, on post-ReLU features as models hand them over (their positive means are
+    what makes centring cancel)."""
     batch, c1, c2, height, width = PARITY_SHAPE
-    x = features(dtype, layout, batch, c1, height, width, relu=case != "centred", seed=0)
+    x = features(dtype, layout, batch, c1, height, width, relu=True, seed=0)
     y = features(dtype, layout, batch, c2, height, width, relu=True, seed=1) if case == "cross" else None
     options = dict(center=True, sqrt_mode="none", normalize=False) if case == "centred" else {}
     return x, y, dict(sqrt_mode="signed", normalize=True, center=False) | options
@@ -120,27 +136,45 @@ class Parity:
                 f"{self.backward:.1e} / {self.backward_bound:.1e} | {'pass' if self.passed else '**FAIL**'} |")
 
 
-def bounds(dtype, x, y, grad, options) -> tuple[float, float]:
+@contextmanager
+def matmul_precision(setting: str):
+    """torch's float32 matmul precision for the duration of one case."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def bounds(precision: Precision, x, y, grad, options) -> tuple[float, float]:
     forward, backward = fp32_conditioning(x, y, grad, options)
-    return ROUNDING_FLOOR[dtype] + 10 * forward, ROUNDING_FLOOR[dtype] + 10 * backward
+    return precision.floor + 10 * forward, precision.floor + 10 * backward
 
 
-def kernel_parity(job: tuple[torch.dtype, str, str]) -> Parity:
+def kernel_parity(job: tuple[Precision, str, str]) -> Parity:
     """Phase 1, one case: the launch plans in every kept config against the float64 torch path."""
+    precision, case, layout = job
+    with matmul_precision(precision.matmul):
+        return _kernel_parity(precision, case, layout)
+
+
+def _kernel_parity(precision: Precision, case: str, layout: str) -> Parity:
     from fgvc_kernels import bilinear_triton as kernels
     from fgvc_kernels.bilinear import channels_by_positions
 
-    dtype, case, layout = job
+    dtype = precision.dtype
     x, y, options = case_inputs(dtype, case, layout)
     xs, ys = channels_by_positions(x, "x"), None if y is None else channels_by_positions(y, "y")
     target = kernels.TARGETS[90] if DRY_RUN else None  # the interpreter plans as for an H200
     args = (1.0 / xs.shape[2], options["sqrt_mode"], 1e-12, options["normalize"], options["center"])
+    out_dtype = produced_dtype(dtype, True, options["sqrt_mode"], options["normalize"], False)  # as the op plans it
     grad = torch.randn((xs.shape[0], xs.shape[1], (ys if ys is not None else xs).shape[1]),
-                       generator=torch.Generator().manual_seed(2)).to(DEVICE)
+                       generator=torch.Generator().manual_seed(2)).to(DEVICE, out_dtype)  # as autograd hands it over
     x64, y64 = xs.double().cpu(), None if ys is None else ys.double().cpu()
     z64, norm64 = bilinear_torch.torch_forward(x64, y64, *args, None)
     want = bilinear_torch.torch_backward(grad.double().cpu(), z64, norm64, x64, y64, *args)
-    forward_plan = kernels.forward_plan(xs, ys, *args, saved_dtype(dtype), target)
+    forward_plan = kernels.forward_plan(xs, ys, *args, out_dtype, target)
     forward_errors, backward_errors = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter evaluates both sides of tl.where
@@ -151,14 +185,18 @@ def kernel_parity(job: tuple[torch.dtype, str, str]) -> Parity:
         for config in backward_plan.tuned_configs():
             got = backward_plan.run(config.all_kwargs())
             backward_errors.append(max(relative_error(a, b) for a, b in zip(got, want, strict=True)))
-    name = f"{str(dtype).removeprefix('torch.')} {case} {layout}"
-    return Parity(name, len(forward_errors) + len(backward_errors), max(forward_errors), max(backward_errors),
-                  *bounds(dtype, x, y, grad, options))
+    return Parity(f"{precision.name} {case} {layout}", len(forward_errors) + len(backward_errors),
+                  max(forward_errors), max(backward_errors), *bounds(precision, x, y, grad, options))
 
 
-def op_parity(dtype: torch.dtype, case: str, layout: str, compiled: bool) -> Parity:
+def op_parity(precision: Precision, case: str, layout: str, compiled: bool) -> Parity:
     """Phase 2, one case: the public op through torch.ops and autograd (optionally torch.compile) vs float64."""
-    x, y, options = case_inputs(dtype, case, layout)
+    with matmul_precision(precision.matmul):
+        return _op_parity(precision, case, layout, compiled)
+
+
+def _op_parity(precision: Precision, case: str, layout: str, compiled: bool) -> Parity:
+    x, y, options = case_inputs(precision.dtype, case, layout)
     inputs = [t.requires_grad_() for t in (x, y) if t is not None]
     def fn(*tensors: torch.Tensor) -> torch.Tensor:
         return bilinear_pool(*tensors, **options)
@@ -171,10 +209,10 @@ def op_parity(dtype: torch.dtype, case: str, layout: str, compiled: bool) -> Par
     reference = [t.detach().cpu().double().requires_grad_() for t in inputs]
     want_out = bilinear_pool_naive(*reference, **options)
     want = torch.autograd.grad(want_out, reference, grad.cpu().double())
-    name = f"{str(dtype).removeprefix('torch.')} {case} {layout}{' compiled' if compiled else ''}"
+    name = f"{precision.name} {case} {layout}{' compiled' if compiled else ''}"
     return Parity(name, 1, relative_error(out, want_out),
                   max(relative_error(a, b) for a, b in zip(got, want, strict=True)),
-                  *bounds(dtype, x, y, grad, options))
+                  *bounds(precision, x, y, grad, options))
 
 
 def warm_timing_shape(name: str) -> str:
@@ -216,7 +254,7 @@ def timing_contenders(name: str) -> dict:
 
     fused = lambda *t: bilinear_pool(*t, **options)  # noqa: E731
     naive = lambda *t: bilinear_pool_naive(*t, **naive_options)  # noqa: E731
-    compiled = torch.compile(naive, fullgraph=True)
+    compiled = torch.compile(naive, fullgraph=True, dynamic=False)  # each shape its own static kernels
     flat = [t.detach().flatten(2) if t.dim() == 4 else t.detach().transpose(1, 2) for t in inputs]
     other = flat[-1]
 
@@ -245,15 +283,17 @@ def timed(fn) -> float:
 
 
 def minimal_traffic(name: str) -> tuple[float, float]:
-    """(bytes, flops) the op cannot avoid, forward + backward: read the inputs, write z; read g, z and the inputs,
-    write their gradients. FLOPs: the forward GEMM (half of it in the self case) and one GEMM per input gradient."""
+    """(bytes, flops) the op cannot avoid, forward + backward: read the inputs, write z; read g, z (where the
+    backward needs it) and the inputs, write their gradients. FLOPs: the forward GEMM (half of it in the self case)
+    and one GEMM per input gradient."""
     _, c1, c2, n, options = TIMING[name]
+    reads_z = backward_reads_output(options.get("sqrt_mode", "signed"), options.get("normalize", True))
     out_bytes = 4 if options.get("out_dtype") == torch.float32 else 2
     channels = c1 + (c2 or 0)
     pairs = c1 * (c2 or c1)
     inputs = TIMING_BATCH * channels * n * 2
     outputs = TIMING_BATCH * pairs * out_bytes
-    bytes_moved = inputs + outputs + (outputs + outputs + inputs + inputs)
+    bytes_moved = inputs + outputs + (outputs + (outputs if reads_z else 0) + inputs + inputs)
     gemm = 2 * TIMING_BATCH * pairs * n
     flops = gemm * (0.5 if c2 is None else 1) + gemm * (1 if c2 is None else 2)
     return bytes_moved, flops
@@ -303,9 +343,9 @@ def speed_rows(rounds: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parity_jobs() -> list[tuple[torch.dtype, str, str]]:
-    kernel_dtypes = [d for d in DTYPES if not (DRY_RUN and d == torch.bfloat16)]
-    return [(dtype, case, layout) for dtype in kernel_dtypes for case in CASES for layout in LAYOUTS]
+def parity_jobs() -> list[tuple[Precision, str, str]]:
+    kernel_precisions = [p for p in PRECISIONS if not (DRY_RUN and p.dtype == torch.bfloat16)]
+    return [(precision, case, layout) for precision in kernel_precisions for case in CASES for layout in LAYOUTS]
 
 
 def main() -> None:
@@ -326,8 +366,8 @@ def main() -> None:
                 future.result()
     else:
         kernel_rows = [kernel_parity(job) for job in parity_jobs()]
-    op_rows = [op_parity(dtype, case, layout, False) for dtype in DTYPES for case in CASES for layout in LAYOUTS]
-    op_rows += [op_parity(dtype, case, "channels_last", True) for dtype in DTYPES for case in CASES]
+    op_rows = [op_parity(p, case, layout, False) for p in PRECISIONS for case in CASES for layout in LAYOUTS]
+    op_rows += [op_parity(p, case, "channels_last", True) for p in PRECISIONS for case in CASES]
     speed = speed_rows(args.rounds)
     everything = kernel_rows + op_rows
     device = "dry run on the CPU (Triton interpreter)" if DRY_RUN else torch.cuda.get_device_name()

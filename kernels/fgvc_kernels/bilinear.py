@@ -11,7 +11,7 @@ import importlib.util
 import torch
 from torch import Tensor, nn
 
-from fgvc_kernels.bilinear_torch import DEFAULT_EPS, SQRT_MODES, torch_backward, torch_forward
+from fgvc_kernels.bilinear_torch import DEFAULT_EPS, SQRT_MODES, backward_reads_output, torch_backward, torch_forward
 
 __all__ = ["SQRT_MODES", "BilinearPool", "bilinear_pool", "runs_triton"]
 
@@ -19,6 +19,7 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # CPU-only in
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels read and write (fp32 accumulation)
 # Triton's tl.dot is tensor-core MMA from sm_80 on; on Turing and older it is FMA, slower than the torch path's cuBLAS.
 TRITON_MIN_CAPABILITY = (8, 0)
+MAX_GRID_BATCH = 65535  # the kernels put the batch on a CUDA grid dimension, which holds at most this many
 
 
 def runs_triton(device_type: str, dtype: torch.dtype, out_dtype: torch.dtype | None = None,
@@ -31,8 +32,18 @@ def runs_triton(device_type: str, dtype: torch.dtype, out_dtype: torch.dtype | N
 
 
 def _served_by_triton(x: Tensor, out_dtype: torch.dtype | None) -> bool:
-    capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
-    return runs_triton(x.device.type, x.dtype, out_dtype, capability)
+    """runs_triton for this input, on an NVIDIA GPU (the configs and precisions are NVIDIA's; ROCm takes the torch
+    path), with a batch the launch grid holds."""
+    nvidia = x.device.type == "cuda" and torch.version.hip is None
+    capability = torch.cuda.get_device_capability(x.device) if nvidia else None
+    return x.shape[0] <= MAX_GRID_BATCH and runs_triton(x.device.type, x.dtype, out_dtype, capability)
+
+
+def _on_current_device(x: Tensor) -> None:
+    """Triton launches on the current CUDA device, so inputs elsewhere would be read at wrong addresses."""
+    if x.device.index != torch.cuda.current_device():
+        raise ValueError(f"bilinear_pool: the input is on {x.device} but the current CUDA device is "
+                         f"cuda:{torch.cuda.current_device()}; call torch.cuda.set_device({x.device.index}) first")
 
 
 def saved_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,6 +51,15 @@ def saved_dtype(dtype: torch.dtype) -> torch.dtype:
     the largest gradients, 1 / (2 |sigma|) -- would lose their digits or round to 0 and be masked, so an fp16 z the
     backward needs is kept in fp32 (bf16 has fp32's range and keeps them)."""
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+def produced_dtype(wanted: torch.dtype, needs_grad: bool, sqrt_mode: str, normalize: bool,
+                   recompute: bool) -> torch.dtype:
+    """The dtype the forward writes before the cast to `wanted`: fp32 instead of fp16 where the backward reads z
+    (saved_dtype), and wherever the L2 norm divides afterwards, because the unnormalized sigma is first written in
+    the output dtype and can exceed fp16's range (65504)."""
+    keeps_z = needs_grad and not recompute and backward_reads_output(sqrt_mode, normalize)
+    return saved_dtype(wanted) if keeps_z or normalize else wanted
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,6 +75,7 @@ def _forward_op(x: Tensor, y: Tensor | None, scale: float, sqrt_mode: str, eps: 
     if _served_by_triton(x, out_dtype):
         from fgvc_kernels import bilinear_triton
 
+        _on_current_device(x)
         plan = bilinear_triton.forward_plan(x, y, scale, sqrt_mode, eps, normalize, center, out_dtype)
         return tuple(plan.run())
     return torch_forward(x, y, scale, sqrt_mode, eps, normalize, center, out_dtype)
@@ -63,10 +84,11 @@ def _forward_op(x: Tensor, y: Tensor | None, scale: float, sqrt_mode: str, eps: 
 @torch.library.triton_op("fgvc_kernels::bilinear_pool_backward", mutates_args=())
 def _backward_op(grad: Tensor, out: Tensor, norm: Tensor, x: Tensor, y: Tensor | None, scale: float,
                  sqrt_mode: str, eps: float, normalize: bool, center: bool) -> list[Tensor]:
-    """[dX] in the self case, [dX, dY] otherwise."""
-    if _served_by_triton(x, out.dtype):
+    """[dX] in the self case, [dX, dY] otherwise. `out` is empty where the backward does not read z."""
+    if _served_by_triton(x, grad.dtype):
         from fgvc_kernels import bilinear_triton
 
+        _on_current_device(x)
         return bilinear_triton.backward_plan(grad, out, norm, x, y, scale, sqrt_mode, eps, normalize, center).run()
     return torch_backward(grad, out, norm, x, y, scale, sqrt_mode, eps, normalize, center)
 
@@ -75,8 +97,13 @@ def _setup_context(ctx, inputs, output) -> None:
     x, y, scale, sqrt_mode, eps, normalize, center, out_dtype, recompute = inputs
     ctx.options = (scale, sqrt_mode, eps, normalize, center)
     ctx.out_dtype, ctx.recompute, ctx.cross = out_dtype or x.dtype, recompute, y is not None
-    # Saved: the inputs, plus the output and B norms unless recomputing (then the backward runs the forward again).
-    ctx.save_for_backward(x, y, *(() if recompute else output))
+    # Saved: the inputs, plus the output (where the backward reads it) and B norms unless recomputing (then the
+    # backward runs the forward again).
+    out, norm = output
+    if recompute:
+        ctx.save_for_backward(x, y)
+    else:
+        ctx.save_for_backward(x, y, out if backward_reads_output(sqrt_mode, normalize) else None, norm)
 
 
 def _backward(ctx, grad_out: Tensor, grad_norm: Tensor | None):
@@ -84,6 +111,8 @@ def _backward(ctx, grad_out: Tensor, grad_norm: Tensor | None):
     if ctx.recompute:
         saved = torch.ops.fgvc_kernels.bilinear_pool_forward(x, y, *ctx.options, saved_dtype(ctx.out_dtype), False)
     out, norm = saved
+    if out is None:
+        out = grad_out.new_empty(0)
     grads = torch.ops.fgvc_kernels.bilinear_pool_backward(grad_out, out, norm, x, y, *ctx.options)
     return grads[0], grads[1] if ctx.cross else None, None, None, None, None, None, None, None
 
@@ -115,7 +144,7 @@ def bilinear_pool(x: Tensor, y: Tensor | None = None, *, scale: float | None = N
     scale = 1.0 / xs.shape[2] if scale is None else float(scale)
     wanted = out_dtype or x.dtype
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y))
-    produced = saved_dtype(wanted) if needs_grad and not recompute else wanted
+    produced = produced_dtype(wanted, needs_grad, sqrt_mode, normalize, recompute)
     out, _ = torch.ops.fgvc_kernels.bilinear_pool_forward(xs, ys, scale, sqrt_mode, float(eps), normalize, center,
                                                           produced, recompute)
     return out.flatten(1).to(wanted)

@@ -40,6 +40,12 @@ DEFAULT_EPS = 1e-12  # WS-DAN's; B-CNN code in the wild uses 1e-5 ... 1e-10. Aft
 EPILOGUE_BLOCK_BYTES = 1 << 20
 
 
+def backward_reads_output(sqrt_mode: str, normalize: bool) -> bool:
+    """Whether the backward needs z: for the projection of the L2 norm and for 1 / |sigma|. Without either (iSQRT's
+    covariance) G = g, and z need not be kept."""
+    return normalize or sqrt_mode != "none"
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation and epilogue precision: fp32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -82,7 +88,8 @@ def torch_forward(x: Tensor, y: Tensor | None, scale: float, sqrt_mode: str, eps
 
 def torch_backward(grad: Tensor, out: Tensor, norm: Tensor, x: Tensor, y: Tensor | None, scale: float,
                    sqrt_mode: str, eps: float, normalize: bool, center: bool) -> list[Tensor]:
-    """[dX] in the self case, [dX, dY] otherwise, with one GEMM per input gradient."""
+    """[dX] in the self case, [dX, dY] otherwise, with one GEMM per input gradient. `out` may be empty where
+    backward_reads_output says z is not needed."""
     compute = compute_dtype(x.dtype)
     z = out.to(compute)
     grad = grad.to(compute)

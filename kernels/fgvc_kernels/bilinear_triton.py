@@ -21,11 +21,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fgvc_kernels.bilinear_torch import backward_reads_output
+
 SQRT_CODES = {"none": 0, "signed": 1, "smooth": 2}
 NORMALIZE_BLOCK = 1024  # elements per program in the normalization and <z, g> passes
 PARTIAL_BLOCK = 1024  # partial sums reduced per step when a program totals a sample's partials
 # The forward's partial sums have one slot per tile of this size, the smallest a tl.dot takes: enough for any tile
-# an autotune config chooses, so the tile sizes can be tuned. The kernel records how many slots it filled.
+# an autotune config chooses (the shipped ones start at 32; tests use 16), so the tile sizes can be tuned. The kernel
+# records how many slots it filled.
 PARTIAL_TILE = 16
 
 
@@ -85,16 +88,15 @@ def _bilinear_forward_kernel(
     stride_xb, stride_xc, stride_xn,
     stride_yb, stride_yc, stride_yn,
     scale, eps, eps_root,
-    n_bucket,  # only for the autotune key: N rounded up to a power of two, so a new N does not re-tune
+    batch_bucket, n_bucket,  # only for the autotune key: B and N rounded up to powers of two, tuned once per bucket
     SELF: tl.constexpr, CENTER: tl.constexpr, SQRT_MODE: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_1: tl.constexpr, BLOCK_2: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (BLOCK_1 x BLOCK_2) tile of sigma = epilogue(scale X Y^T) for one sample, and its sum of squares.
 
-    Centring subtracts the rank-one mean term from the fp32 accumulator. 16-bit products are exact in fp32, so its
-    cancellation costs about 1e-7 times E[x y] / cov(x, y), far less than rounding centred operands back to 16 bits
-    (5e-4 in fp16), and the MMA reads the features as they are in memory. Self case: the grid covers only the upper
-    triangle of tiles; off-diagonal tiles are also written mirrored.
+    Centring (CENTER, see centring()): 16-bit operands stream to the MMA untouched and the rank-one mean term leaves
+    the fp32 accumulator; fp32 operands are centred as loaded. Self case: the grid covers
+    only the upper triangle of tiles; off-diagonal tiles are also written mirrored.
     """
     index = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -109,6 +111,9 @@ def _bilinear_forward_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     inside_1 = offs_1 < C1
     inside_2 = offs_2 < C2
+    if CENTER != 0:
+        mean_1 = tl.load(mean_x_ptr + b * C1 + offs_1, mask=inside_1, other=0.0)
+        mean_2 = tl.load(mean_y_ptr + b * C2 + offs_2, mask=inside_2, other=0.0)
     x_rows = x_ptr + b * stride_xb + offs_1[:, None] * stride_xc
     y_cols = y_ptr + b * stride_yb + offs_2[None, :] * stride_yc
     acc = tl.zeros((BLOCK_1, BLOCK_2), dtype=tl.float32)
@@ -118,10 +123,11 @@ def _bilinear_forward_kernel(
         mask_b = inside_2[None, :] & (n[:, None] < N)
         a = tl.load(x_rows + n[None, :] * stride_xn, mask=mask_a, other=0.0)
         bt = tl.load(y_cols + n[:, None] * stride_yn, mask=mask_b, other=0.0)
+        if CENTER == 2:
+            a = tl.where(mask_a, a - mean_1[:, None], 0.0)
+            bt = tl.where(mask_b, bt - mean_2[None, :], 0.0)
         acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
-    if CENTER:  # X_c Y_c^T = X Y^T - N mu_x mu_y^T: the operands stream to the MMA untouched
-        mean_1 = tl.load(mean_x_ptr + b * C1 + offs_1, mask=inside_1, other=0.0)
-        mean_2 = tl.load(mean_y_ptr + b * C2 + offs_2, mask=inside_2, other=0.0)
+    if CENTER == 1:  # X_c Y_c^T = X Y^T - N mu_x mu_y^T
         acc = acc - N * mean_1[:, None] * mean_2[None, :]
     # Scale in the fp32 accumulator: an unscaled X X^T overflows fp16 for post-ReLU features.
     sigma = _signed_sqrt(acc * scale, eps, eps_root, SQRT_MODE)
@@ -187,14 +193,15 @@ def _bilinear_backward_kernel(
     stride_wb, stride_wj, stride_wn,
     stride_db, stride_dr, stride_dn,
     scale, eps_root,
-    n_bucket,  # only for the autotune key, as in the forward
+    batch_bucket, n_bucket,  # only for the autotune key, as in the forward
     SYMMETRIC: tl.constexpr, CENTER: tl.constexpr, SQRT_MODE: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, PARTIAL_BLOCK: tl.constexpr,
 ):
     """One (BLOCK_R x BLOCK_N) tile of an input gradient, dW = scale * G W, where the G tiles are formed from
-    g and z as they are needed and never stored. Centring: G W_c = G W - (G mu_w) 1^T, with G mu_w summed from the
-    very G operand the MMA reads, so the two terms cancel consistently.
+    g and z as they are needed and never stored. Centring: with a bf16 G operand, G W_c = G W - (G mu_w) 1^T, G mu_w
+    summed from that very operand (bf16 products are exact in fp32, so the terms cancel consistently); with an fp32
+    G operand (rounded to TF32 inside the dot) W is centred as loaded.
 
     Rows r and the reduction index j address g and z through (stride_gr, stride_gj): (C2, 1) gives G for dX,
     (1, C2) gives G^T for dY. SYMMETRIC (self case) uses G + G^T; z is symmetric there, so only g is read twice.
@@ -226,19 +233,26 @@ def _bilinear_backward_kernel(
         if SYMMETRIC:
             across = offs_r[:, None] * stride_gj + j[None, :] * stride_gr
             g += tl.load(g_ptr + gz_base + across, mask=inside, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + gz_base + along, mask=inside, other=0.0).to(tl.float32)
-        grad = (g - z * zg) / divisor  # dL/dsigma
-        if SQRT_MODE != 0:
-            # |sigma| = |z| * divisor; smooth mode adds sqrt(eps); masked where p (hence z) is exactly 0
-            grad = tl.where(z != 0.0, grad / (2.0 * (tl.abs(z) * divisor + eps_root)), 0.0)
-        operand = grad.to(DOT_DTYPE)
-        if CENTER:
+        if NORMALIZE or SQRT_MODE != 0:  # otherwise G = g, and z is neither saved nor read
+            z = tl.load(z_ptr + gz_base + along, mask=inside, other=0.0).to(tl.float32)
+            g = (g - z * zg) / divisor  # dL/dsigma
+            if SQRT_MODE != 0:
+                # |sigma| = |z| * divisor; smooth mode adds sqrt(eps). Masked where p (hence z) is exactly 0, as a
+                # product so that an upstream NaN stays NaN, as autograd's and the torch path's do.
+                denominator = tl.maximum(2.0 * (tl.abs(z) * divisor + eps_root), 1.1754944e-38)  # fp32's least normal
+                g = g * tl.where(z != 0.0, 1.0, 0.0) / denominator
+        operand = g.to(DOT_DTYPE)
+        mask_w = (j[:, None] < J) & (offs_n[None, :] < N)
+        w = tl.load(w_ptr + b * stride_wb + j[:, None] * stride_wj + offs_n[None, :] * stride_wn, mask=mask_w,
+                    other=0.0)
+        if CENTER != 0:
             mean_w = tl.load(mean_w_ptr + b * J + j, mask=j < J, other=0.0)
-            mean_term += tl.sum(operand.to(tl.float32) * mean_w[None, :], axis=1)
-        w = tl.load(w_ptr + b * stride_wb + j[:, None] * stride_wj + offs_n[None, :] * stride_wn,
-                    mask=(j[:, None] < J) & (offs_n[None, :] < N), other=0.0)
+            if CENTER == 1:
+                mean_term += tl.sum(operand.to(tl.float32) * mean_w[None, :], axis=1)
+            else:
+                w = tl.where(mask_w, w.to(tl.float32) - mean_w[:, None], 0.0)
         acc = tl.dot(operand, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-    if CENTER:
+    if CENTER == 1:
         acc = acc - mean_term[:, None]
     tl.store(dw_ptr + b * stride_db + offs_r[:, None] * stride_dr + offs_n[None, :] * stride_dn,
              (acc * scale).to(dw_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_n[None, :] < N))
@@ -260,11 +274,12 @@ FORWARD_CONFIGS = [
 BACKWARD_CONFIGS = [
     triton.Config({"BLOCK_R": block_r, "BLOCK_N": block_n, "BLOCK_J": block_j}, num_warps=warps, num_stages=stages)
     for block_r, block_n, block_j, warps, stages in [
-        (32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 3),
+        (32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 2),
     ]
 ]
-FORWARD_KEY = ["C1", "C2", "n_bucket", "stride_xn", "stride_yn", "SELF", "CENTER", "SQRT_MODE", "NORMALIZE"]
-BACKWARD_KEY = ["R", "J", "n_bucket", "stride_gj", "stride_wn", "SYMMETRIC", "CENTER", "SQRT_MODE", "NORMALIZE"]
+OPTIONS_KEY = ["CENTER", "SQRT_MODE", "NORMALIZE", "batch_bucket", "n_bucket"]
+FORWARD_KEY = ["C1", "C2", "stride_xn", "stride_yn", "SELF", *OPTIONS_KEY]
+BACKWARD_KEY = ["R", "J", "stride_gj", "stride_wn", "SYMMETRIC", *OPTIONS_KEY]
 # Triton adds every tensor argument's dtype to these keys. Layout enters through the position strides (1 for NCHW,
 # C for channels-last and tokens) and, in the backward, through which of G and G^T is read.
 
@@ -328,8 +343,27 @@ def _backward_tuner(indices: tuple[int, ...]) -> triton.runtime.Autotuner:
     return triton.autotune([BACKWARD_CONFIGS[i] for i in indices], key=BACKWARD_KEY)(_bilinear_backward_kernel)
 
 
+NOT_CENTRED, RANK_ONE, AS_LOADED = 0, 1, 2
+
+
+def centring(center: bool, operand_dtype: torch.dtype) -> int:
+    """How a GEMM centres its operands. 16-bit products are exact in the fp32 accumulator, so X Y^T - N mu_x mu_y^T
+    cancels to about 1e-7 E[x y] / cov(x, y), far less than rounding centred values back to 16 bits (5e-4 in fp16),
+    and the operands reach the MMA as they are in memory. fp32 operands are rounded to TF32 inside the dot, which
+    that cancellation would amplify: they are centred as loaded, staying fp32."""
+    if not center:
+        return NOT_CENTRED
+    return AS_LOADED if operand_dtype == torch.float32 else RANK_ONE
+
+
 def fp32_dot_precision() -> str:
-    """TF32 where torch's matmul precision allows it ("high" or "medium")."""
+    """TF32 where torch allows it for fp32 matmuls: the per-backend setting (torch.backends.cuda.matmul.fp32_precision,
+    then torch.backends.fp32_precision) when one is set, else torch.get_float32_matmul_precision() ("high" or
+    "medium"). The legacy getter raises once the new settings are in use, so it is read only when they are not."""
+    for setting in (getattr(torch.backends.cuda.matmul, "fp32_precision", "none"),
+                    getattr(torch.backends, "fp32_precision", "none")):
+        if setting in ("ieee", "tf32"):
+            return setting
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
@@ -400,8 +434,12 @@ class Plan:
 
 
 def _channel_means(t: Tensor, center: bool) -> Tensor:
-    """Each channel's fp32 mean over positions, or an empty stand-in the kernels never read."""
-    return t.mean(dim=2, dtype=torch.float32) if center else t.new_empty(0, dtype=torch.float32)
+    """Each channel's fp32 mean over positions as a contiguous (B, C), or an empty stand-in the kernels never read."""
+    return t.mean(dim=2, dtype=torch.float32).contiguous() if center else t.new_empty(0, dtype=torch.float32)
+
+
+def _buckets(batch: int, n: int) -> tuple[int, int]:
+    return triton.next_power_of_2(batch), triton.next_power_of_2(n)
 
 
 def forward_plan(x: Tensor, y: Tensor | None, scale: float, sqrt_mode: str, eps: float, normalize: bool,
@@ -428,8 +466,8 @@ def forward_plan(x: Tensor, y: Tensor | None, scale: float, sqrt_mode: str, eps:
     launches = [Launch(
         _forward_tuner(forward_configs(c1, c2, self_case, x.dtype, target)), grid,
         (x, other, mean_x, mean_y, out, partial, tiles, c1, c2, n, num_slots, *x.stride(), *other.stride(), scale,
-         eps, math.sqrt(eps), triton.next_power_of_2(n)),
-        dict(SELF=self_case, CENTER=center, SQRT_MODE=SQRT_CODES[sqrt_mode], NORMALIZE=normalize,
+         eps, math.sqrt(eps), *_buckets(batch, n)),
+        dict(SELF=self_case, CENTER=centring(center, x.dtype), SQRT_MODE=SQRT_CODES[sqrt_mode], NORMALIZE=normalize,
              DOT_PRECISION=precision))]
     if not normalize:
         return Plan(launches, [out, norm], [out])
@@ -442,9 +480,10 @@ def forward_plan(x: Tensor, y: Tensor | None, scale: float, sqrt_mode: str, eps:
 
 def backward_plan(grad: Tensor, out: Tensor, norm: Tensor, x: Tensor, y: Tensor | None, scale: float,
                   sqrt_mode: str, eps: float, normalize: bool, center: bool, target: Target | None = None) -> Plan:
-    """The <z, g> pre-pass, then one GEMM launch per input gradient. Results: [dX] (self) or [dX, dY]."""
     target = target or Target.of(x.device)
-    batch, c1, c2 = out.shape
+    """The <z, g> pre-pass, then one GEMM launch per input gradient. Results: [dX] (self) or [dX, dY]. `out` may be
+    empty where z is not read (backward_reads_output)."""
+    batch, c1, c2 = grad.shape
     n = x.shape[2]
     grad = grad.contiguous()  # autograd may hand over an expanded or transposed gradient
     numel = c1 * c2
@@ -455,6 +494,7 @@ def backward_plan(grad: Tensor, out: Tensor, norm: Tensor, x: Tensor, y: Tensor 
         launches.append(Launch(_dot_partials_kernel, (chunks, batch), (out, grad, partial, numel),
                                dict(BLOCK=NORMALIZE_BLOCK)))
     dot_dtype, precision = backward_dot(x.dtype)
+    z_bytes = out.element_size() if backward_reads_output(sqrt_mode, normalize) else 0
 
     def input_grad(like: Tensor, w: Tensor, g_strides: tuple[int, int], symmetric: bool) -> Tensor:
         rows, reduction = like.shape[1], w.shape[1]
@@ -465,11 +505,12 @@ def backward_plan(grad: Tensor, out: Tensor, norm: Tensor, x: Tensor, y: Tensor 
             return triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(n, meta["BLOCK_N"]), batch
 
         launches.append(Launch(
-            _backward_tuner(backward_configs(rows, reduction, n, w.dtype, gz_bytes(grad, out, symmetric), target)),
+            _backward_tuner(backward_configs(rows, reduction, n, w.dtype, gz_bytes(grad, z_bytes, symmetric), target)),
             grid,
             (grad, out, partial, norm, w, mean_w, dw, rows, reduction, n, chunks, *g_strides, *w.stride(),
-             *dw.stride(), scale, math.sqrt(eps) if sqrt_mode == "smooth" else 0.0, triton.next_power_of_2(n)),
-            dict(SYMMETRIC=symmetric, CENTER=center, SQRT_MODE=SQRT_CODES[sqrt_mode], NORMALIZE=normalize,
+             *dw.stride(), scale, math.sqrt(eps) if sqrt_mode == "smooth" else 0.0, *_buckets(batch, n)),
+            dict(SYMMETRIC=symmetric, CENTER=centring(center, torch.float32 if dot_dtype == tl.float32 else x.dtype),
+                 SQRT_MODE=SQRT_CODES[sqrt_mode], NORMALIZE=normalize,
                  DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, PARTIAL_BLOCK=PARTIAL_BLOCK)))
         return dw
 
@@ -480,9 +521,9 @@ def backward_plan(grad: Tensor, out: Tensor, norm: Tensor, x: Tensor, y: Tensor 
     return Plan(launches, grads, [*grads, partial] if normalize else grads)
 
 
-def gz_bytes(grad: Tensor, out: Tensor, symmetric: bool) -> int:
-    """Bytes of g and z the backward reads per element of G (g twice in the self case)."""
-    return grad.element_size() * (2 if symmetric else 1) + out.element_size()
+def gz_bytes(grad: Tensor, z_bytes: int, symmetric: bool) -> int:
+    """Bytes of g and z the backward reads per element of G (g twice in the self case; z_bytes 0 where unread)."""
+    return grad.element_size() * (2 if symmetric else 1) + z_bytes
 
 
 def _empty_like_layout(t: Tensor) -> Tensor:

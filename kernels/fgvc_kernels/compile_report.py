@@ -107,9 +107,9 @@ def shared_estimate(launch, config) -> int | None:
         return bilinear_triton.forward_shared_bytes(config, dtype)
     if "BLOCK_R" in config.kwargs:
         grad, out, *_ = launch.args
-        symmetric = launch.constants["SYMMETRIC"]
-        return bilinear_triton.backward_shared_bytes(config, launch.args[4].dtype,
-                                                     bilinear_triton.gz_bytes(grad, out, symmetric))
+        reads_z = launch.constants["NORMALIZE"] or launch.constants["SQRT_MODE"] != 0
+        gz_bytes = bilinear_triton.gz_bytes(grad, out.element_size() if reads_z else 0, launch.constants["SYMMETRIC"])
+        return bilinear_triton.backward_shared_bytes(config, launch.args[4].dtype, gz_bytes)
     return None
 
 
