@@ -352,7 +352,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--workers", type=int, default=1 if DRY_RUN else min(16, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=2 if DRY_RUN else min(16, os.cpu_count() or 1))
     parser.add_argument("--rounds", type=int, default=2 if DRY_RUN else 30)
     args = parser.parse_args()
     if not DRY_RUN and not torch.cuda.is_available():
