@@ -69,6 +69,13 @@ SCENARIOS = {
 }
 
 
+def target_of(capability: int):
+    """The op's target for a GPU it runs its kernels on, or Turing's (64 KB of shared memory) for the one row."""
+    from fgvc_kernels import bilinear_triton
+
+    return bilinear_triton.TARGETS.get(capability) or bilinear_triton.Target(TURING, 64 << 10)
+
+
 def plan_launches(name: str, capability: int) -> list:
     """The op's launches (forward, then backward) for a scenario on one GPU, planned on the meta device: the
     autotuned ones carry the configs kept for that GPU."""
@@ -77,7 +84,7 @@ def plan_launches(name: str, capability: int) -> list:
 
     scenario = SCENARIOS[name]
     batch, c1, c2, n = scenario.shape
-    target = bilinear_triton.TARGETS.get(capability, bilinear_triton.Target(capability, 64 << 10))
+    target = target_of(capability)
 
     def features(channels: int) -> torch.Tensor:
         if scenario.channels_last:
@@ -140,7 +147,6 @@ def compile_one(job: tuple[str, int, int, int]) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from fgvc_kernels import bilinear_triton
 
     scenario, capability, launch_index, config_index = job
     launch = plan_launches(scenario, capability)[launch_index]
@@ -164,8 +170,7 @@ def compile_one(job: tuple[str, int, int, int]) -> dict:
         "scenario": scenario, "capability": capability, "kernel": source.name,
         "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
         **numbers, "shared_bytes": compiled.metadata.shared, "estimated_shared_bytes": shared_estimate(launch, config),
-        "shared_limit": bilinear_triton.TARGETS.get(capability, bilinear_triton.Target(0, 64 << 10)).shared_bytes,
-        "gemm": "tl.dot(" in source.fn.src,
+        "shared_limit": target_of(capability).shared_bytes, "gemm": "tl.dot(" in source.fn.src,
         "mma": "HGMMA" in sass or "HMMA" in sass, "async_copy": "LDGSTS" in sass or "UTMALDG" in sass,
     }
 
