@@ -25,7 +25,7 @@ import triton.language as tl  # noqa: E402
 from fgvc_kernels import bilinear_torch  # noqa: E402
 from fgvc_kernels import bilinear_triton as op  # noqa: E402
 from fgvc_kernels.bilinear import saved_dtype  # noqa: E402
-from fgvc_kernels.testing import bilinear_pool_naive  # noqa: E402
+from fgvc_kernels.testing import naive_fp32_errors, relative_error  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -59,23 +59,6 @@ def run_plan(plan: op.Plan, config: dict) -> list[torch.Tensor]:
         return plan.run(config)
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want).abs().max() / want.abs().max()).item()
-
-
-def naive_fp32_errors(x: torch.Tensor, y: torch.Tensor | None, grad: torch.Tensor, **options) -> tuple[float, float]:
-    """How far torch's own fp32 autograd of the naive composition lands from float64, forward and backward: the
-    conditioning bound."""
-    def run(dtype: torch.dtype) -> list[torch.Tensor]:
-        inputs = [t.detach().to("cpu", dtype).requires_grad_() for t in (x, y) if t is not None]
-        tokens = [t.transpose(1, 2) for t in inputs]  # the naive function takes (B, N, C)
-        out = bilinear_pool_naive(*tokens, **options)
-        return [out, *torch.autograd.grad(out, inputs, grad.to("cpu", dtype).flatten(1))]
-
-    errors = [relative_error(a, b) for a, b in zip(run(torch.float32), run(torch.float64), strict=True)]
-    return errors[0], max(errors[1:])
-
-
 def float64_reference(x, y, grad, options):
     x64, y64 = x.cpu().double(), None if y is None else y.cpu().double()
     z64, norm64 = bilinear_torch.torch_forward(x64, y64, *options, None)
@@ -106,8 +89,9 @@ def test_kernels_match_float64(dtype, c1, c2, layout, cross, sqrt_mode, relu, no
     z, norm = run_plan(op.forward_plan(x, y, *options, saved_dtype(dtype), HOPPER), SMALL_FORWARD)
     grad = torch.randn(z.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
     z64, norm64, want = float64_reference(x, y, grad, options)
-    fp32_forward, fp32_backward = naive_fp32_errors(x, y, grad, sqrt_mode=sqrt_mode, eps=eps, normalize=normalize,
-                                                    center=center)
+    x_tokens, y_tokens = (None if t is None else t.transpose(1, 2) for t in (x, y))  # as bilinear_pool takes them
+    fp32_forward, fp32_backward = naive_fp32_errors(x_tokens, y_tokens, grad, sqrt_mode=sqrt_mode, eps=eps,
+                                                    normalize=normalize, center=center)
     if dtype == torch.float16:
         output_bound, bound = 1e-3, 3e-3  # fp16 inputs and outputs: half an ulp is 4.9e-4
     elif relu and not center:

@@ -44,7 +44,12 @@ from report import emit, header  # noqa: E402
 from fgvc_kernels import bilinear_pool, bilinear_torch  # noqa: E402
 from fgvc_kernels.bilinear import produced_dtype  # noqa: E402
 from fgvc_kernels.bilinear_torch import backward_reads_output  # noqa: E402
-from fgvc_kernels.testing import bilinear_pool_naive, saved_tensor_bytes  # noqa: E402
+from fgvc_kernels.testing import (  # noqa: E402
+    bilinear_pool_naive,
+    naive_fp32_errors,
+    relative_error,
+    saved_tensor_bytes,
+)
 
 DEVICE = "cpu" if DRY_RUN else "cuda"
 
@@ -101,21 +106,6 @@ def case_inputs(dtype: torch.dtype, case: str, layout: str) -> tuple[torch.Tenso
     return x, y, dict(sqrt_mode="signed", normalize=True, center=False) | options
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double().cpu() - want.cpu()).abs().max() / want.abs().max().clamp_min(1e-300)).item()
-
-
-def fp32_conditioning(x, y, grad, options) -> tuple[float, float]:
-    """How far torch's fp32 autograd of the naive composition lands from float64: (forward, backward)."""
-    def run(dtype: torch.dtype) -> list[torch.Tensor]:
-        inputs = [t.detach().cpu().to(dtype).requires_grad_() for t in (x, y) if t is not None]
-        out = bilinear_pool_naive(*inputs, **options)
-        return [out, *torch.autograd.grad(out, inputs, grad.cpu().to(dtype).flatten(1))]
-
-    errors = [relative_error(a, b) for a, b in zip(run(torch.float32), run(torch.float64), strict=True)]
-    return errors[0], max(errors[1:])
-
-
 @dataclass
 class Parity:
     """One parity row: the worst relative errors over the configs (or paths) tried, and the bounds."""
@@ -148,7 +138,7 @@ def matmul_precision(setting: str):
 
 
 def bounds(precision: Precision, x, y, grad, options) -> tuple[float, float]:
-    forward, backward = fp32_conditioning(x, y, grad, options)
+    forward, backward = naive_fp32_errors(x, y, grad, **options)
     return precision.floor + 10 * forward, precision.floor + 10 * backward
 
 

@@ -30,6 +30,24 @@ def bilinear_pool_naive(x: Tensor, y: Tensor | None = None, *, scale: float | No
     return nn.functional.normalize(p, dim=1, eps=NORM_FLOOR) if normalize else p
 
 
+def relative_error(got: Tensor, want: Tensor) -> float:
+    """max |got - want| / max |want|, in float64 on the CPU: the error measure of every parity check."""
+    return ((got.double().cpu() - want.double().cpu()).abs().max() / want.abs().max().clamp_min(1e-300)).item()
+
+
+def naive_fp32_errors(x: Tensor, y: Tensor | None, grad: Tensor, **options) -> tuple[float, float]:
+    """How far torch's own fp32 autograd of the naive composition lands from float64 on these inputs, forward and
+    backward: the conditioning that parity tolerances must allow (the gradient is ill-conditioned near p = 0).
+    x and y as bilinear_pool takes them; grad shaped like the output."""
+    def run(dtype: torch.dtype) -> list[Tensor]:
+        inputs = [t.detach().cpu().to(dtype).requires_grad_() for t in (x, y) if t is not None]
+        out = bilinear_pool_naive(*inputs, **options)
+        return [out, *torch.autograd.grad(out, inputs, grad.cpu().to(dtype).flatten(1))]
+
+    errors = [relative_error(a, b) for a, b in zip(run(torch.float32), run(torch.float64), strict=True)]
+    return errors[0], max(errors[1:])
+
+
 def saved_tensor_bytes(fn: Callable[..., object], *inputs: Tensor) -> int:
     """Bytes autograd keeps alive for backward while running fn(*inputs), not counting the inputs' own storage
     (which the caller holds anyway). Each storage is counted once, however many views of it are saved."""
