@@ -222,7 +222,10 @@ def test_overwrite_replaces_atomically(tmp_path: Path, small_birds: Path) -> Non
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [("num_classes", 0, "num_classes"), ("num_classes", 217, "num_classes"), ("images_per_class", 1, "images_per"),
-     ("train_fraction", 1.0, "train_fraction"), ("image_size", 16, "image_size"), ("difficulty", 1.5, "difficulty")],
+     ("train_fraction", 1.0, "train_fraction"), ("image_size", 16, "image_size"), ("difficulty", 1.5, "difficulty"),
+     ("class_offset", -1, "class_offset must be at least 0"),
+     ("class_offset", 207, r"class_offset \+ num_classes must be at most 216 .*got 207 \+ 10"),
+     ("domain", "night", "domain must be one of standard, plain, stripes, recolored, dusk, shifted, got 'night'")],
 )
 def test_invalid_spec_names_the_field(field: str, value, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -252,3 +255,145 @@ def test_visible_parts_of_the_default_spec_lie_inside_their_images() -> None:
         assert ((visible >= 0) & (visible <= spec.image_size - 1)).all(), (image_id, visible)
     bird = synthbirds.render_bird(attributes, synthbirds.image_rng(spec.seed, 52), spec.image_size, spec.difficulty)
     assert bird.parts[0, 2] == 0  # the back, at y = -0.4 before: not visible
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transfer settings: disjoint class ranges (class_offset) and rendering domains (domain)
+# --------------------------------------------------------------------------------------------------------------
+
+# The first ten classes of seed 0, as the generator drew them before class_offset existed.
+SEED0_CLASSES = ["Blackcap_Twobar_Ringeye_Forktail_Daggerbill", "Blackcap_Twobar_Ringeye_Spiketail_Daggerbill",
+                 "Redcap_Twobar_Ringeye_Spiketail_Daggerbill", "Blackcap_Twobar_Ringeye_Forktail_Hookedbill",
+                 "Blackcap_Twobar_Forktail_Hookedbill", "Redcap_Plainwing_Ringeye_Spiketail_Daggerbill",
+                 "Blackcap_Barwing_Forktail_Hookedbill", "Yellowcap_Barwing_Forktail_Hookedbill",
+                 "Yellowcap_Barwing_Roundtail_Hookedbill", "Yellowcap_Barwing_Roundtail_Conebill"]
+TINY = {"images_per_class": 2, "image_size": 32, "seed": 4}
+
+
+def class_names(root: Path) -> list[str]:
+    return list(parse_tree(root)["classes"].values())
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_walk_is_one_sequence_and_an_offset_takes_a_slice_of_it(seed: int) -> None:
+    walk = synthbirds.class_attributes(synthbirds.CLASS_CAPACITY, seed)
+    assert len({tuple(c.values()) for c in walk}) == synthbirds.CLASS_CAPACITY  # the walk reaches every combination
+    for n in (1, 10, 11, 50, 215):
+        assert synthbirds.class_attributes(n, seed) == walk[:n]  # a shorter draw is a prefix of a longer one
+    for offset, n in ((0, 7), (10, 10), (5, 40), (215, 1)):
+        assert synthbirds.class_attributes(n, seed, offset) == walk[offset:offset + n]
+    with pytest.raises(synthbirds.InvalidSpec, match=r"class_offset \+ num_classes must be at most 216"):
+        synthbirds.class_attributes(2, seed, 215)
+
+
+def test_the_default_offset_draws_the_classes_it_always_drew() -> None:
+    assert [synthbirds.class_name(c) for c in synthbirds.class_attributes(10, 0)] == SEED0_CLASSES
+    assert SynthBirdsSpec().class_offset == 0 and SynthBirdsSpec().domain == "standard"
+
+
+def test_disjoint_offsets_draw_disjoint_classes_named_as_in_the_longer_draw(tmp_path: Path) -> None:
+    generate(tmp_path / "source", SynthBirdsSpec(num_classes=4, **TINY))
+    generate(tmp_path / "target", SynthBirdsSpec(num_classes=3, class_offset=4, **TINY))
+    generate(tmp_path / "both", SynthBirdsSpec(num_classes=7, **TINY))
+    generate(tmp_path / "overlap", SynthBirdsSpec(num_classes=3, class_offset=2, **TINY))
+    source, target, both = (class_names(tmp_path / name) for name in ("source", "target", "both"))
+    assert not set(source) & set(target)
+    assert source + target == both  # folders numbered by their place in the walk: 005.<name> in either draw
+    assert target[0].startswith("005.") and class_names(tmp_path / "overlap") == both[2:5]
+    # The class-defining attributes of each image are those of its class in the longer draw.
+    classes = json.loads((tmp_path / "both" / synthbirds.METADATA_FILE).read_text())["classes"]
+    combo_of = {c["name"]: tuple(c[f] for f in CLASS_FACTORS) for c in classes}
+    tuples, labels = class_factor_tuples(tmp_path / "target")
+    assert all(combo_of[target[labels[i] - 1]] == combo for i, combo in tuples.items())
+    # The offset draw's images come from streams of their own, not the offset-0 draw's poses over other classes.
+    boxes = parse_tree(tmp_path / "target")["boxes"]
+    assert all(boxes[i] != parse_tree(tmp_path / "source")["boxes"][i] for i in boxes)
+    # And the tree reads back, discriminative parts included (they come from the metadata's class list).
+    assert synthbirds.discriminative_parts(tmp_path / "target", target) is not None
+
+
+def test_default_fields_keep_the_metadata_and_new_values_are_recorded() -> None:
+    old_fields = ["num_classes", "images_per_class", "train_fraction", "image_size", "difficulty", "seed"]
+    assert list(SynthBirdsSpec().identity()) == old_fields
+    assert SynthBirdsSpec(class_offset=3).identity()["class_offset"] == 3
+    assert SynthBirdsSpec(domain="dusk").identity() == {**SynthBirdsSpec().identity(), "domain": "dusk"}
+
+
+def test_a_domain_is_another_cache_folder(tmp_path: Path, monkeypatch) -> None:
+    from fgvc.data import DATA_ROOT_ENV, ensure_synthbirds
+
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
+    spec = SynthBirdsSpec(num_classes=2, **TINY)
+    roots = [ensure_synthbirds(s, echo=lambda _: None) for s in
+             (spec, SynthBirdsSpec(**{**spec.__dict__, "domain": "shifted"}),
+              SynthBirdsSpec(**{**spec.__dict__, "class_offset": 2}))]
+    assert len(set(roots)) == 3
+    metadata = [json.loads((r / synthbirds.METADATA_FILE).read_text())["spec"] for r in roots]
+    assert metadata[1]["domain"] == "shifted" and metadata[2]["class_offset"] == 2 and "domain" not in metadata[0]
+
+
+def test_a_domain_changes_the_pixels_only(tmp_path: Path) -> None:
+    spec = SynthBirdsSpec(num_classes=3, images_per_class=4, image_size=48, seed=1)
+    generate(tmp_path / "standard", spec)
+    shifted = SynthBirdsSpec(**{**spec.__dict__, "domain": "shifted"})
+    generate(tmp_path / "shifted", shifted)
+    generate(tmp_path / "again", shifted, workers=2)
+    a, b = tree_digest(tmp_path / "standard"), tree_digest(tmp_path / "shifted")
+    assert tree_digest(tmp_path / "again") == b  # deterministic
+    # Same classes, boxes, parts and (per image) attributes; only the images and the recorded spec differ.
+    assert a.keys() == b.keys()
+    assert {k for k in a if a[k] != b[k]} == {k for k in a if k.endswith(".jpg")} | {synthbirds.METADATA_FILE}
+    tree = parse_tree(tmp_path / "standard")
+    images = {d: np.stack([np.asarray(Image.open(tmp_path / d / "images" / p), dtype=float)
+                           for p in tree["images"].values()]) for d in ("standard", "shifted")}
+    # Strongly different statistics: darker, a violet cast, and different background texture.
+    assert np.abs(images["standard"] - images["shifted"]).mean() > 30
+    mean_a, mean_b = images["standard"].mean((0, 1, 2)), images["shifted"].mean((0, 1, 2))
+    assert mean_b.sum() < 0.8 * mean_a.sum()
+    assert mean_b[2] / mean_b[:2].mean() > 1.1 * mean_a[2] / mean_a[:2].mean()  # bluer relative to red and green
+    # The stripes: neighbouring pixels along one direction change much more often than in the clutter.
+    edges = {d: (np.abs(np.diff(x, axis=1)).mean() + np.abs(np.diff(x, axis=2)).mean()) for d, x in images.items()}
+    assert edges["shifted"] > 1.3 * edges["standard"]
+
+
+@pytest.mark.parametrize("domain", [d for d in synthbirds.DOMAINS if d != "standard"])
+def test_a_domain_draws_the_same_birds_with_the_same_class_parts(domain: str) -> None:
+    """Every domain consumes the same random numbers: the same pose, box, parts and attributes, and the class
+    parts painted in the same colours. Under day light the pixels of the crown and the eye are the very same."""
+    changes = synthbirds.DOMAINS[domain]
+    body_parts = {"back", "belly", "breast", "nape", "throat", "tail", "left wing", "right wing"}
+    for c, attributes in enumerate(synthbirds.class_attributes(4, seed=2)):
+        for image_id in (c * 5 + 1, c * 5 + 2):
+            standard, other = (synthbirds.render_bird(attributes, synthbirds.image_rng(2, image_id), 128, 0.5, d)
+                               for d in ("standard", domain))
+            assert np.array_equal(standard.bbox, other.bbox) and np.array_equal(standard.parts, other.parts)
+            assert standard.nuisance == other.nuisance and standard.scale_px == other.scale_px
+            for i, name in enumerate(synthbirds.CUB_PART_NAMES):  # the far eye and wing have no colour (zeros)
+                recolored = name in body_parts and changes.palette != "standard" and standard.part_colors[i].any()
+                assert np.array_equal(standard.part_colors[i], other.part_colors[i]) != recolored, name
+            for name in ("crown", "left eye", "right eye"):
+                x, y, visible = standard.parts[synthbirds.CUB_PART_NAMES.index(name)]
+                if visible and changes.lighting == "day":
+                    pixel = (round(y), round(x))
+                    assert np.array_equal(standard.image[pixel], other.image[pixel]), (domain, image_id, name)
+            assert np.abs(standard.image.astype(float) - other.image).mean() > 2
+
+
+def test_a_bad_domain_is_a_config_error_naming_the_key() -> None:
+    from fgvc.config import ConfigError
+
+    with pytest.raises(ConfigError, match="domain must be one of standard, plain, .*shifted, got 'night'"):
+        load_config(QUICK_START, ["data.synthbirds.domain=night"])
+    with pytest.raises(ConfigError, match=r"class_offset \+ num_classes must be at most 216"):
+        load_config(QUICK_START, ["data.synthbirds.class_offset=210"])
+    cfg = load_config(QUICK_START, ["data.synthbirds.domain=shifted", "data.synthbirds.class_offset=10"])
+    assert (cfg.data.synthbirds.domain, cfg.data.synthbirds.class_offset) == ("shifted", 10)
+
+
+def test_cli_takes_the_offset_and_the_domain(tmp_path: Path, capsys) -> None:
+    synthbirds.main(["--out", str(tmp_path / "cli"), "--num-classes", "2", "--images-per-class", "2",
+                     "--image-size", "32", "--class-offset", "3", "--domain", "shifted"])
+    assert "4 images (32 px) of 2 classes" in capsys.readouterr().out
+    assert [name[:4] for name in class_names(tmp_path / "cli")] == ["004.", "005."]
+    assert synthbirds.main(["--out", str(tmp_path / "bad"), "--domain", "night"]) == 2
+    assert "domain must be one of" in capsys.readouterr().err

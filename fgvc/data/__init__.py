@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,7 +144,7 @@ def ensure_synthbirds(spec: SynthBirdsSpec, echo: Callable[[str], None] = print)
     # Imported here, not at the top: `python -m fgvc.data.synthbirds` must not find itself already imported.
     from fgvc.data import synthbirds
 
-    key = json.dumps({"version": synthbirds.GENERATOR_VERSION, **asdict(spec)}, sort_keys=True)
+    key = json.dumps({"version": synthbirds.GENERATOR_VERSION, **spec.identity()}, sort_keys=True)
     root = data_root() / f"synthbirds-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if not (root / synthbirds.METADATA_FILE).is_file():
         echo(f"generating synthbirds into {root} ({spec.num_classes} classes x {spec.images_per_class} images, "

@@ -5,10 +5,21 @@ classes are picked by a walk that changes one attribute at a time, so many class
 part. Everything else -- pose, size, body colours, bill colour, background clutter, occluders, lighting -- is drawn
 per image independently of the class, so global colour statistics carry (almost) no class information.
 
-Each image is drawn from its own random stream, seeded by (seed, image id): generation is deterministic, byte for
-byte, whatever the number of worker processes.
+Each image is drawn from its own random stream, seeded by (seed, image id) (and the class offset, when not 0):
+generation is deterministic, byte for byte, whatever the number of worker processes.
+
+Two settings serve transfer experiments; at their defaults the files are exactly those written before they existed.
+
+- class_offset: the classes are positions [class_offset, class_offset + num_classes) of one fixed walk over all 216
+  attribute combinations (the walk of `seed`), so specs with the same seed and non-overlapping ranges share no class,
+  and a class has the same name (its folder, numbered by its position in the walk) in every draw.
+- domain: how an image is rendered around the class evidence (DOMAINS): the background (clutter, plain, stripes),
+  the body-colour palette (standard, shifted in hue) and the lighting (day, dusk). A domain draws the same random
+  numbers as the standard one, so an image id keeps its pose, colours, box, parts and attributes in every domain --
+  only the pixels change -- and the class-defining parts are drawn exactly as in the standard domain.
 
     python -m fgvc.data.synthbirds --out data/synthbirds --num-classes 10 --images-per-class 60
+    python -m fgvc.data.synthbirds --out data/target --num-classes 10 --class-offset 10 --domain shifted
 """
 
 from __future__ import annotations
@@ -77,11 +88,47 @@ BODY_RGB = {
     "slate": (88, 98, 115),
     "buff": (192, 162, 122),
 }
+
+
+def _hue_shifted(rgb: tuple[int, int, int], turn: float = 1 / 3, saturation: float = 0.2) -> tuple[int, int, int]:
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    return tuple(round(c * 255) for c in colorsys.hsv_to_rgb((h + turn) % 1.0, min(0.9, s + saturation), v))
+
+
+# The "shifted" palette: the same body colours turned a third of the way round the hue circle and a little more
+# saturated (browns become greens, slate a mauve); no crown colour is green, so the crown stays as distinct.
+PALETTES = {"standard": BODY_RGB, "shifted": {name: _hue_shifted(rgb) for name, rgb in BODY_RGB.items()}}
 BILL_RGB = {"black": (28, 26, 26), "grey": (105, 105, 110), "yellow": (225, 190, 60), "horn": (190, 170, 140)}
 PALE_RGB = ((245, 245, 240), (240, 232, 200), (238, 238, 170))  # wing bars: white, cream, pale yellow
 PUPIL_RGB = (14, 14, 16)
 EYE_RING_RGB = (246, 246, 240)
 SUPERSAMPLE = 2  # draw at 2x and box-downsample: cheap anti-aliasing
+
+# Lighting: a fixed colour cast on top of the per-image exposure, and a factor on the sensor noise.
+LIGHTING = {"day": ((1.0, 1.0, 1.0), 1.0), "dusk": ((0.62, 0.55, 0.80), 1.6)}
+BACKGROUNDS = ("clutter", "plain", "stripes")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """How an image is rendered around the class evidence: background (BACKGROUNDS), palette (PALETTES, the body
+    colours) and lighting (LIGHTING)."""
+
+    background: str = "clutter"
+    palette: str = "standard"
+    lighting: str = "day"
+
+
+# The rendering domains, by name (SynthBirdsSpec.domain): the standard one, one per changed knob, and "shifted",
+# which changes all three together (a visibly different target domain).
+DOMAINS = {
+    "standard": Domain(),
+    "plain": Domain(background="plain"),  # the sky gradient only, no clutter
+    "stripes": Domain(background="stripes"),  # regular stripes instead of scattered clutter
+    "recolored": Domain(palette="shifted"),
+    "dusk": Domain(lighting="dusk"),  # darker, with a violet cast and more noise
+    "shifted": Domain(background="stripes", palette="shifted", lighting="dusk"),
+}
 
 # certainties.txt of CUB; a part that cannot be seen makes its attribute "not visible".
 CERTAINTIES = ("not visible", "guessing", "probably", "definitely")
@@ -197,14 +244,20 @@ BIRD_EXTENT = np.array([(-0.81, -0.31), (0.79, -0.31), (0.79, 0.42), (-0.81, 0.4
 # --------------------------------------------------------------------------------------------------------------
 
 
-def class_attributes(num_classes: int, seed: int) -> list[dict[str, str]]:
+def class_attributes(num_classes: int, seed: int, offset: int = 0) -> list[dict[str, str]]:
     """Pick `num_classes` distinct attribute combinations, each new one a single-attribute change of an earlier one.
 
     The walk makes every class (after the first) a one-part neighbour of another class, so the set is fine-grained
-    by construction, not by luck.
+    by construction, not by luck. The walk is one fixed sequence per seed (the first n classes are the first n of any
+    longer draw); `offset` skips its first `offset` classes, so [offset, offset + num_classes) of that sequence are
+    returned. Classes of an offset draw are one-part neighbours of classes of the walk, not always of each other.
     """
     if not 1 <= num_classes <= CLASS_CAPACITY:
         raise InvalidSpec(f"synthbirds supports 1 to {CLASS_CAPACITY} classes, got {num_classes}")
+    if not 0 <= offset <= CLASS_CAPACITY - num_classes:
+        raise InvalidSpec(f"class_offset + num_classes must be at most {CLASS_CAPACITY} (the attribute combinations) "
+                          f"with class_offset >= 0, got {offset} + {num_classes}")
+    num_classes += offset
     rng = np.random.default_rng([seed, 1])
     sizes = [len(values) for values in CLASS_FACTORS.values()]
     chosen = [tuple(int(rng.integers(n)) for n in sizes)]
@@ -230,7 +283,7 @@ def class_attributes(num_classes: int, seed: int) -> list[dict[str, str]]:
         for f, v in enumerate(child):
             usage[f][v] += 1
     names = list(CLASS_FACTORS)
-    return [{n: CLASS_FACTORS[n][v] for n, v in zip(names, combo, strict=True)} for combo in chosen]
+    return [{n: CLASS_FACTORS[n][v] for n, v in zip(names, combo, strict=True)} for combo in chosen[offset:]]
 
 
 def class_name(attributes: dict[str, str]) -> str:
@@ -303,13 +356,46 @@ class _Canvas:
         return np.asarray(self.image.reduce(self.scale), dtype=np.uint8)
 
 
-def _draw_clutter(canvas: _Canvas, rng: np.random.Generator, size: int, count: int) -> None:
-    """Leaves, stones and branches in every hue (the crown colours included), so colour says little."""
+def _background_draws(rng: np.random.Generator, size: int, count: int) -> tuple[np.ndarray, ...]:
+    """The random numbers of the background: every background style draws exactly these, so the bird drawn after
+    it is the same bird whatever the style."""
     kinds = rng.integers(3, size=count)
     centers = rng.uniform(-0.1, 1.1, (count, 2)) * size
     extents = rng.uniform(0.04, 0.25, count) * size
     shape_params = rng.random((count, 13))  # each kind reads the few it needs
     hsv = rng.random((count, 3)) * (1.0, 0.8, 0.75) + (0.0, 0.15, 0.2)
+    return kinds, centers, extents, shape_params, hsv
+
+
+def _hsv_rgb(hsv: np.ndarray) -> tuple[int, int, int]:
+    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(*hsv))
+
+
+def _draw_background(canvas: _Canvas, rng: np.random.Generator, size: int, count: int, style: str) -> None:
+    draws = _background_draws(rng, size, count)
+    if style == "clutter":
+        _draw_clutter(canvas, size, *draws)
+    elif style == "stripes":
+        _draw_stripes(canvas, size, *draws)
+    # "plain": the gradient alone (the draws are made all the same, see _background_draws)
+
+
+def _draw_stripes(canvas: _Canvas, size: int, kinds, centers, extents, shape_params, hsv) -> None:
+    """Parallel stripes across the whole frame at one random angle, each its own hue: a regular texture where the
+    standard domain has scattered shapes, with colours as uninformative."""
+    angle = math.pi * shape_params[0, 0]
+    along = np.array([math.cos(angle), math.sin(angle)]) * size
+    across = np.array([-math.sin(angle), math.cos(angle)])
+    period = 1.5 * size / len(hsv)  # the stripes cover the frame's diagonal whatever the angle
+    centre = np.array([size / 2, size / 2]) + across * period * (shape_params[0, 1] - 0.5)
+    for k, colour in enumerate(hsv):
+        middle = centre + across * period * (k - (len(hsv) - 1) / 2)
+        width = period * (0.35 + 0.3 * shape_params[k, 2])
+        canvas.polygon(_bar(tuple(middle - along), tuple(middle + along), width), _hsv_rgb(colour))
+
+
+def _draw_clutter(canvas: _Canvas, size: int, kinds, centers, extents, shape_params, hsv) -> None:
+    """Leaves, stones and branches in every hue (the crown colours included), so colour says little."""
     for kind, center, extent, u, (h, s, v) in zip(kinds, centers, extents, shape_params, hsv, strict=True):
         if kind == 0:
             shape = _ellipse(*center, extent, extent * (0.3 + 0.7 * u[0]), 180 * u[1])
@@ -341,13 +427,18 @@ def _pose(rng: np.random.Generator, size: int, difficulty: float) -> tuple[np.nd
 
 
 def render_bird(
-    attributes: dict[str, str], rng: np.random.Generator, image_size: int = 128, difficulty: float = 0.5
+    attributes: dict[str, str], rng: np.random.Generator, image_size: int = 128, difficulty: float = 0.5,
+    domain: str = "standard",
 ) -> RenderedBird:
-    """Draw one bird of the class given by `attributes` over a cluttered background."""
+    """Draw one bird of the class given by `attributes` over a cluttered background, rendered in `domain`
+    (DOMAINS). Every domain draws the same random numbers from `rng`: only the pixels differ."""
+    if domain not in DOMAINS:
+        raise InvalidSpec(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
     size = image_size
+    style = DOMAINS[domain]
     background = [_random_rgb(rng) for _ in range(2)]
     canvas = _Canvas(size, *background)
-    _draw_clutter(canvas, rng, size, count=round(6 + 18 * difficulty))
+    _draw_background(canvas, rng, size, round(6 + 18 * difficulty), style.background)
     canvas.supersample()
 
     linear, translation, mirrored, length = _pose(rng, size, difficulty)
@@ -357,7 +448,7 @@ def render_bird(
 
     primary = NUISANCE_FACTORS["has_primary_color"][int(rng.integers(6))]
     bill_color_name = NUISANCE_FACTORS["has_bill_color"][int(rng.integers(4))]
-    body = _jitter(BODY_RGB[primary], rng, 12)
+    body = _jitter(PALETTES[style.palette][primary], rng, 12)
     belly = tuple(int(c + (255 - c) * rng.uniform(0.35, 0.6)) for c in body)
     wing = tuple(int(c * rng.uniform(0.55, 0.75)) for c in body)
     crown = _jitter(CROWN_RGB[attributes["has_crown_color"]], rng, 8)
@@ -399,7 +490,7 @@ def render_bird(
         occluder = (anchor + rng.uniform(-0.5, 0.5, 2) * radius, radius)
         canvas.polygon(_ellipse(*occluder[0], radius, radius), _jitter((60, 120, 50), rng, 30))
 
-    image = _light(canvas.result(), rng, difficulty)
+    image = _light(canvas.result(), rng, difficulty, style.lighting)
     colors = {"body": body, "belly": belly, "crown": crown, "wing": wing, "bill": bill, "leg": leg}
     parts, part_colors = _keypoints(place, mirrored, occluder, size, bill_shape, colors)
     return RenderedBird(
@@ -460,14 +551,19 @@ def _bounding_box(points: np.ndarray, size: int) -> np.ndarray:
     return clip_boxes(box, (0, 0, size, size)).numpy()
 
 
-def _light(image: np.ndarray, rng: np.random.Generator, difficulty: float) -> np.ndarray:
-    """Global exposure and colour cast, a shading ramp across the frame, and sensor noise."""
+def _light(image: np.ndarray, rng: np.random.Generator, difficulty: float, lighting: str = "day") -> np.ndarray:
+    """Global exposure and colour cast, a shading ramp across the frame, and sensor noise; `lighting` (LIGHTING)
+    adds a fixed cast and more noise, drawing the same random numbers."""
     size = image.shape[0]
     gain = rng.uniform(1 - 0.35 * difficulty, 1 + 0.2 * difficulty) * (1 + rng.uniform(-0.1, 0.1, 3) * difficulty)
     direction = rng.uniform(0, 2 * math.pi)
     ramp = (np.arange(size, dtype=np.float32) / max(size - 1, 1) - 0.5) * (0.4 * difficulty * rng.uniform(-1, 1))
     shading = 1 + math.cos(direction) * ramp[None, :] + math.sin(direction) * ramp[:, None]
     sigma = np.float32(1 + 5 * difficulty)
+    if lighting != "day":  # day: the arithmetic exactly as before lighting existed
+        cast, noise_factor = LIGHTING[lighting]
+        gain = gain * np.array(cast)
+        sigma = sigma * np.float32(noise_factor)
     lit = np.empty_like(image)
     # Channel by channel: each float32 temporary stays small enough for the heap (whole-image temporaries are
     # mmapped and page-faulted afresh on every call, which doubles the cost of this function).
@@ -489,7 +585,16 @@ _GAUSSIAN_QUANTILES = np.array([NormalDist().inv_cdf((k + 0.5) / 256) for k in r
 
 @dataclass(frozen=True)
 class SynthBirdsSpec:
-    """Everything that determines a synthbirds dataset; equal specs give byte-identical files."""
+    """Everything that determines a synthbirds dataset; equal specs give byte-identical files.
+
+    class_offset: the classes are [class_offset, class_offset + num_classes) of the seed's walk over all 216
+    attribute combinations (class_attributes); same seed, non-overlapping ranges: no class in common. Images of an
+    offset draw come from their own random streams (image_rng), not from those of the draw at offset 0.
+    domain: the rendering domain (DOMAINS): "standard" (clutter, standard palette, day light), "plain" (no clutter),
+    "stripes" (striped background), "recolored" (body colours shifted in hue), "dusk" (dark, violet cast, noisier),
+    "shifted" (stripes + recolored + dusk together). Class parts, poses, boxes, parts and attributes are those of the
+    standard domain, image for image; only the pixels around the class evidence change.
+    """
 
     num_classes: int = 10
     images_per_class: int = 60
@@ -497,6 +602,8 @@ class SynthBirdsSpec:
     image_size: int = 128
     difficulty: float = 0.5
     seed: int = 0
+    class_offset: int = 0
+    domain: str = "standard"
 
     def __post_init__(self) -> None:
         problems = []
@@ -510,8 +617,29 @@ class SynthBirdsSpec:
             problems.append(f"difficulty must be in [0, 1], got {self.difficulty}")
         if not 1 <= self.num_classes <= CLASS_CAPACITY:
             problems.append(f"num_classes must be in [1, {CLASS_CAPACITY}], got {self.num_classes}")
+        if self.class_offset < 0:
+            problems.append(f"class_offset must be at least 0, got {self.class_offset}")
+        elif self.class_offset + self.num_classes > CLASS_CAPACITY:
+            problems.append(f"class_offset + num_classes must be at most {CLASS_CAPACITY} (the attribute "
+                            f"combinations), got {self.class_offset} + {self.num_classes}")
+        if self.domain not in DOMAINS:
+            problems.append(f"domain must be one of {', '.join(DOMAINS)}, got {self.domain!r}")
         if problems:
             raise InvalidSpec("invalid synthbirds spec: " + "; ".join(problems))
+
+    def identity(self) -> dict:
+        """The fields as a dict, less those added later (FIELDS_ADDED_LATER) that hold their defaults: the spec as
+        synthbirds.json records it, and what a cache key should digest -- a default spec keeps the key and metadata
+        it had before those fields existed, and any other value gives another key."""
+        values = asdict(self)
+        for name in FIELDS_ADDED_LATER:
+            if values[name] == SynthBirdsSpec.__dataclass_fields__[name].default:
+                del values[name]
+        return values
+
+
+# Fields whose default reproduces the trees written before the field existed; identity() leaves them out there.
+FIELDS_ADDED_LATER = ("class_offset", "domain")
 
 
 class InvalidSpec(FGVCError, ValueError):
@@ -535,14 +663,17 @@ class _Drawn:
     scale_px: float
 
 
-def image_rng(seed: int, image_id: int) -> np.random.Generator:
-    """The random stream of one image: a function of (seed, image id) only."""
-    return np.random.default_rng([seed, 0, image_id])
+def image_rng(seed: int, image_id: int, class_offset: int = 0) -> np.random.Generator:
+    """The random stream of one image: a function of (seed, image id) only, and of the class offset when there is
+    one (the draws of disjoint class ranges do not repeat each other's poses and backgrounds). Not of the domain:
+    an image id is the same bird in every domain."""
+    return np.random.default_rng([seed, 0, image_id] if class_offset == 0 else [seed, 0, image_id, class_offset])
 
 
 def _draw_and_save(job: _Job) -> _Drawn:
-    bird = render_bird(job.attributes, image_rng(job.spec.seed, job.image_id), job.spec.image_size,
-                       job.spec.difficulty)
+    spec = job.spec
+    bird = render_bird(job.attributes, image_rng(spec.seed, job.image_id, spec.class_offset), spec.image_size,
+                       spec.difficulty, spec.domain)
     # 4:4:4 chroma: the default 4:2:0 would smear the few-pixel colour patches that tell classes apart.
     Image.fromarray(bird.image).save(job.path, format="JPEG", quality=95, subsampling=0)
     return _Drawn(job.image_id, bird.bbox, bird.parts, bird.nuisance, bird.scale_px)
@@ -592,8 +723,9 @@ def generate(out_dir: str | os.PathLike, spec: SynthBirdsSpec, *, workers: int =
 
 
 def _write_dataset(root: Path, spec: SynthBirdsSpec, workers: int) -> GenerationReport:
-    classes = class_attributes(spec.num_classes, spec.seed)
-    folders = [f"{c + 1:03d}.{class_name(attrs)}" for c, attrs in enumerate(classes)]
+    classes = class_attributes(spec.num_classes, spec.seed, spec.class_offset)
+    # Numbered by the class's place in the walk, not in this tree: a class has one name in every draw of the seed.
+    folders = [f"{spec.class_offset + c + 1:03d}.{class_name(attrs)}" for c, attrs in enumerate(classes)]
     jobs, labels, is_train = [], [], []
     for c, folder in enumerate(folders):
         (root / "images" / folder).mkdir(parents=True)
@@ -638,7 +770,7 @@ def _write_dataset(root: Path, spec: SynthBirdsSpec, workers: int) -> Generation
             for factor, area in FACTOR_REGION_AREA.items()
         },
     )
-    metadata = {"generator": "synthbirds", "version": GENERATOR_VERSION, "spec": asdict(spec),
+    metadata = {"generator": "synthbirds", "version": GENERATOR_VERSION, "spec": spec.identity(),
                 "classes": [{"name": f, **a} for f, a in zip(folders, classes, strict=True)],
                 "factor_area_fraction": report.factor_area_fraction}
     (root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
@@ -727,11 +859,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--difficulty", type=float, default=defaults.difficulty, help="0 (easy) to 1 (hard)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--class-offset", type=int, default=defaults.class_offset,
+                        help="skip the seed's first classes: classes [offset, offset + num-classes) of its walk")
+    parser.add_argument("--domain", default=defaults.domain, help=f"rendering domain: {', '.join(DOMAINS)}")
     parser.add_argument("--workers", type=int, default=1, help="processes that draw images (output is identical)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     spec = SynthBirdsSpec(args.num_classes, args.images_per_class, args.train_fraction, args.image_size,
-                          args.difficulty, args.seed)
+                          args.difficulty, args.seed, args.class_offset, args.domain)
     report = generate(args.out, spec, workers=args.workers, overwrite=args.overwrite)
     print(summarize(args.out, report))
     return 0
