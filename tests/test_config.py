@@ -72,7 +72,7 @@ def test_yaml_and_dict_round_trip(tmp_path: Path) -> None:
 def test_a_run_saved_before_a_key_existed_rebuilds_what_it_trained(tmp_path: Path) -> None:
     """A run saved before model.output_stride existed trained at the architecture's own stride: its checkpoint and
     config.yaml must not be rebuilt at the quick start's 16 (the weights would load, the predictions be wrong)."""
-    cfg = load_config(QUICK_START)
+    cfg = load_config("synthbirds/scratch_isqrt")
     assert cfg.model.output_stride == 16
     old = to_dict(cfg)
     del old["model"]["output_stride"]
@@ -123,7 +123,11 @@ def test_schema_defaults_are_a_general_recipe_and_the_quick_start_its_own() -> N
     neutral, quick = load_config(), load_config(QUICK_START)
     assert (neutral.model.backbone, neutral.model.head, neutral.model.output_stride) == ("resnet50", "linear", None)
     assert neutral.data.image_size == 224 and neutral.schedule.epochs == 100
-    assert (quick.model.backbone, quick.model.head, quick.model.output_stride) == ("test_resnet", "isqrt", 16)
+    assert (quick.model.backbone, quick.model.pretrained_package, quick.model.head) == (
+        "tf_efficientnet_lite0", "efficientnet-lite0", "linear")
+    scratch = load_config("synthbirds/scratch_isqrt")  # the from-scratch preset, kept as a recipe
+    assert (scratch.model.backbone, scratch.model.head, scratch.model.output_stride) == ("test_resnet", "isqrt", 16)
+    assert scratch.data == quick.data
     assert load_config("synthbirds/quickstart") == quick == load_config(RECIPES_DIR / QUICK_START)
 
 

@@ -26,7 +26,7 @@ from fgvc.engine.tta import average_views, flip_views, multiscale_views, ten_cro
 from fgvc.models import FGVCModel
 from fgvc.models.heads import Head
 from fgvc.viz import attention_figure, overlay, save_figure
-from tests.test_training import quick_start, tiny_overrides
+from tests.test_training import scratch_preset, tiny_overrides
 
 
 class CornerHead(Head):
@@ -88,7 +88,7 @@ def test_most_confused_pairs() -> None:
 @pytest.fixture(scope="module")
 def trained_run(small_birds: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("runs")
-    result = trainer.train(quick_start(tiny_overrides(small_birds, output, "run") + ["schedule.epochs=1"]))
+    result = trainer.train(scratch_preset(tiny_overrides(small_birds, output, "run") + ["schedule.epochs=1"]))
     return result.run_dir
 
 
@@ -178,7 +178,7 @@ def test_the_saved_picture_is_bright_where_the_map_peaks(tmp_path: Path) -> None
 @pytest.mark.parametrize("head", ["linear", "wsdan"])
 def test_visualize_writes_one_png_per_image(small_birds: Path, tmp_path: Path, head: str, capsys) -> None:
     extra = ["schedule.epochs=1", f"model.head={head}", "model.num_attention_maps=4"]
-    run = trainer.train(quick_start(tiny_overrides(small_birds, tmp_path, head) + extra)).run_dir
+    run = trainer.train(scratch_preset(tiny_overrides(small_birds, tmp_path, head) + extra)).run_dir
     out = tmp_path / "pictures"
     assert visualize_cli.main(["--checkpoint", str(run / "best.pt"), "--count", "2", "--out", str(out)]) == 0
     pictures = sorted(out.glob("*.png"))

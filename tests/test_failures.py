@@ -19,7 +19,7 @@ import torch
 
 from fgvc.engine import trainer
 from fgvc.engine.checkpoint import load_checkpoint, save_checkpoint
-from tests.test_training import quick_start, tiny_overrides
+from tests.test_training import SCRATCH_PRESET, scratch_preset, tiny_overrides
 
 
 def cli(*args: str, **env: str) -> subprocess.Popen:
@@ -48,7 +48,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def no_val_run(small_birds: Path, scratch: Path) -> Path:
     """The best.pt of a run trained without a validation split."""
     overrides = [*tiny_overrides(small_birds, scratch / "runs", "no_val"), "schedule.epochs=1", "data.val_fraction=0"]
-    return trainer.train(quick_start(overrides)).run_dir / "best.pt"
+    return trainer.train(scratch_preset(overrides)).run_dir / "best.pt"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,8 @@ def mistakes(small_birds: Path, scratch: Path) -> dict[str, tuple[int, str]]:
         "train --dataset cub200 without --data-dir": cli("fgvc.train", "--dataset", "cub200"),
         "train --dataset cub": cli("fgvc.train", "--dataset", "cub", *tiny[1:]),
         "train --model resnet5000": cli("fgvc.train", "--model", "resnet5000"),
-        "train model.pretrained=true offline": cli("fgvc.train", *tiny, "model.pretrained=true", **offline),
+        "train model.pretrained=true offline": cli("fgvc.train", "--config", SCRATCH_PRESET, *tiny,
+                                                   "model.pretrained=true", **offline),
         "evaluate a corrupted checkpoint": cli("fgvc.evaluate", "--checkpoint", str(scratch / "flipped.pt")),
         "evaluate a truncated checkpoint": cli("fgvc.evaluate", "--checkpoint", str(scratch / "truncated.pt")),
     }
@@ -135,7 +136,8 @@ def test_every_cli_answers_a_mistake_with_one_line(tool: str, args: list[str], e
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_its_config(small_birds: Path, tmp_path: Path) -> None:
-    overrides = [*tiny_overrides(small_birds, tmp_path, "killed"), "data.batch_size=1", "schedule.epochs=2"]
+    overrides = ["--config", SCRATCH_PRESET, *tiny_overrides(small_birds, tmp_path, "killed"), "data.batch_size=1",
+                 "schedule.epochs=2"]
     run_dir = tmp_path / "killed"
     process = cli("fgvc.train", *overrides)
     while not (run_dir / "config.yaml").is_file():  # written when training is about to start
@@ -152,8 +154,8 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_its_config(small_
     assert resumed.returncode == 0, resumed.stderr
     assert "stopped before its first checkpoint; starting it over" in resumed.stdout
     assert (run_dir / "results.json").is_file()
-    whole = trainer.train(quick_start([*tiny_overrides(small_birds, tmp_path, "whole"), "data.batch_size=1",
-                                       "schedule.epochs=2"]))
+    whole = trainer.train(scratch_preset([*tiny_overrides(small_birds, tmp_path, "whole"), "data.batch_size=1",
+                                          "schedule.epochs=2"]))
     expected = load_checkpoint(whole.run_dir / "last.pt")["model"]
     started_over = load_checkpoint(run_dir / "last.pt")["model"]
     assert all(torch.equal(started_over[key], expected[key]) for key in expected)
@@ -168,8 +170,8 @@ def strict_json(text: str) -> object:
 
 def test_a_non_finite_loss_stops_the_run(small_birds: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "diverged"
-    overrides = [*tiny_overrides(small_birds, tmp_path, "diverged"), "optim.lr=1e6", "optim.name=sgd",
-                 "train.checkpoint_every=1", "schedule.warmup_epochs=0"]
+    overrides = ["--config", SCRATCH_PRESET, *tiny_overrides(small_birds, tmp_path, "diverged"), "optim.lr=1e6",
+                 "optim.name=sgd", "train.checkpoint_every=1", "schedule.warmup_epochs=0"]
     done = subprocess.run([sys.executable, "-m", "fgvc.train", *overrides], capture_output=True, text=True)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
@@ -196,5 +198,5 @@ def test_the_loss_check_names_the_step_and_the_terms(small_birds: Path, tmp_path
 
     monkeypatch.setattr(Head, "training_losses", poisoned)
     with pytest.raises(trainer.RunError, match=r"not finite at step 2 \(epoch 1, batch 2\): loss nan.*no checkpoint"):
-        trainer.train(quick_start(tiny_overrides(small_birds, tmp_path, "poisoned")))
+        trainer.train(scratch_preset(tiny_overrides(small_birds, tmp_path, "poisoned")))
     assert len(calls) == 2 and not (tmp_path / "poisoned" / "last.pt").exists()

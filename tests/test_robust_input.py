@@ -17,7 +17,7 @@ from fgvc.data.loader import TooManyUnreadableImages, UnreadableImages, build_lo
 from fgvc.data.transforms import PartAwareTransform, eval_transform
 from fgvc.engine import trainer
 from fgvc.engine.inference import evaluate_checkpoint
-from tests.test_training import quick_start, tiny_overrides
+from tests.test_training import scratch_preset, tiny_overrides
 
 
 def break_images(root: Path, split: str, count: int) -> list[Path]:
@@ -67,18 +67,18 @@ def test_training_excludes_bad_files_then_stops_past_the_fraction(birds_copy: Pa
     bad = break_images(birds_copy, "train", 2)
     every_image = ["schedule.epochs=2", "data.batch_size=10"]  # 30 training images: no batch is dropped
     overrides = tiny_overrides(birds_copy, tmp_path, "tolerant") + every_image + ["data.max_bad_fraction=0.1"]
-    result = trainer.train(quick_start(overrides))
+    result = trainer.train(scratch_preset(overrides))
     assert result.completed
     out = capsys.readouterr().out
     assert [out.count(str(path)) for path in bad] == [1, 1], (bad, out)  # each once, though met in both epochs
     strict = tiny_overrides(birds_copy, tmp_path, "strict") + ["schedule.epochs=1", "data.max_bad_fraction=0.0"]
     with pytest.raises(TooManyUnreadableImages, match="more than data.max_bad_fraction allows .0.*fgvc.data.check"):
-        trainer.train(quick_start(strict))
+        trainer.train(scratch_preset(strict))
 
 
 def test_evaluation_says_how_many_images_it_left_out(birds_copy: Path, tmp_path: Path) -> None:
     tolerant = ["schedule.epochs=1", "data.max_bad_fraction=0.1"]  # the run's setting applies to evaluation too
-    result = trainer.train(quick_start(tiny_overrides(birds_copy, tmp_path, "run") + tolerant))
+    result = trainer.train(scratch_preset(tiny_overrides(birds_copy, tmp_path, "run") + tolerant))
     assert result.test["excluded_images"] == 0
     break_images(birds_copy, "test", 1)
     report = evaluate_checkpoint(result.run_dir / "best.pt", split="test", tta=["flip"])

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from fgvc import evaluate as evaluate_cli
 from fgvc import train as train_cli
 from fgvc.build import build_model
-from fgvc.config import QUICK_START, ConfigError, ModelConfig, load_config, to_yaml
+from fgvc.config import ConfigError, ModelConfig, load_config, to_yaml
 from fgvc.data.synthbirds import SynthBirdsSpec, generate
 from fgvc.engine import trainer
 from fgvc.engine.checkpoint import load_checkpoint
@@ -26,10 +26,13 @@ from fgvc.losses import LabelSmoothingCrossEntropy
 from fgvc.models import FGVCModel, create_backbone
 from fgvc.models.heads import LinearHead
 
+SCRATCH_PRESET = "synthbirds/scratch_isqrt.yaml"
 
-def quick_start(overrides: list[str]) -> trainer.Config:
-    """The quick-start recipe with `overrides` on top, as `python -m fgvc.train key=value ...` resolves them."""
-    return load_config(QUICK_START, overrides)
+
+def scratch_preset(overrides: list[str]) -> trainer.Config:
+    """The from-scratch synthbirds preset with `overrides` on top, as `python -m fgvc.train --config ... key=value`
+    resolves them: the tests' runs start from it (their reference weights were made with it)."""
+    return load_config(SCRATCH_PRESET, overrides)
 
 
 def tiny_overrides(root: Path, output: Path, name: str) -> list[str]:
@@ -47,13 +50,13 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def uninterrupted(small_birds: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     output = tmp_path_factory.mktemp("runs")
-    result = trainer.train(quick_start(tiny_overrides(small_birds, output, "whole")))
+    result = trainer.train(scratch_preset(tiny_overrides(small_birds, output, "whole")))
     assert result.completed
     return output, final_weights(result.run_dir)
 
 
 def interrupted_then_resumed(root: Path, output: Path, name: str, stop_after: int, extra: tuple = ()) -> dict:
-    first = trainer.train(quick_start([*tiny_overrides(root, output, name), *extra]), stop_after_steps=stop_after)
+    first = trainer.train(scratch_preset([*tiny_overrides(root, output, name), *extra]), stop_after_steps=stop_after)
     assert not first.completed
     assert load_checkpoint(first.run_dir / "last.pt")["state"]["step"] == stop_after
     resumed = trainer.train(load_config(first.run_dir / trainer.CONFIG_FILE), resume_dir=first.run_dir)
@@ -77,7 +80,7 @@ def test_resume_is_bitwise_exact(small_birds: Path, uninterrupted, stop_after: i
 def test_wsdan_resume_is_bitwise_exact(small_birds: Path, tmp_path: Path) -> None:
     """WS-DAN's extra passes draw maps and thresholds from the RNG and move the class centers: all restored."""
     extra = ("model.head=wsdan", "model.num_attention_maps=4")
-    whole = trainer.train(quick_start([*tiny_overrides(small_birds, tmp_path, "whole"), *extra]))
+    whole = trainer.train(scratch_preset([*tiny_overrides(small_birds, tmp_path, "whole"), *extra]))
     resumed = interrupted_then_resumed(small_birds, tmp_path, "resumed", 2, extra)
     assert_bitwise_equal(resumed, final_weights(whole.run_dir))
     assert resumed["head.centers"].abs().sum() > 0
@@ -87,7 +90,7 @@ def test_mixing_resume_is_bitwise_exact_and_mixing_changes_training(small_birds:
                                                                     tmp_path: Path) -> None:
     """Mixup, CutMix and SnapMix draw from the batch's position: a resumed run mixes exactly as a whole one."""
     extra = ("regularization.mixup_alpha=0.8", "regularization.cutmix_alpha=1.0", "regularization.snapmix_prob=0.5")
-    whole = trainer.train(quick_start([*tiny_overrides(small_birds, tmp_path, "whole"), *extra]))
+    whole = trainer.train(scratch_preset([*tiny_overrides(small_birds, tmp_path, "whole"), *extra]))
     resumed = interrupted_then_resumed(small_birds, tmp_path, "resumed", 2, extra)
     assert_bitwise_equal(resumed, final_weights(whole.run_dir))
     unmixed = uninterrupted[1]
@@ -108,7 +111,7 @@ def test_resume_without_rng_or_scheduler_state_differs(small_birds: Path, uninte
 
 
 def test_run_folder_and_clis(small_birds: Path, tmp_path: Path, capsys) -> None:
-    assert train_cli.main(tiny_overrides(small_birds, tmp_path, "cli")) == 0
+    assert train_cli.main(["--config", SCRATCH_PRESET, *tiny_overrides(small_birds, tmp_path, "cli")]) == 0
     printed = capsys.readouterr().out
     run_dir = tmp_path / "cli"
     assert "test" in printed and str(run_dir) in printed
@@ -134,7 +137,7 @@ def test_run_folder_and_clis(small_birds: Path, tmp_path: Path, capsys) -> None:
     assert evaluated["peak_on_part"] == pytest.approx(results["test"]["peak_on_part"])
 
     # the same run name again is refused; --resume takes no other options
-    assert train_cli.main(tiny_overrides(small_birds, tmp_path, "cli")) == 2
+    assert train_cli.main(["--config", SCRATCH_PRESET, *tiny_overrides(small_birds, tmp_path, "cli")]) == 2
     assert train_cli.main(["--resume", str(run_dir), "--epochs", "3"]) == 2
     assert "already exists" in capsys.readouterr().err
 
@@ -149,12 +152,12 @@ class Terminal(io.StringIO):
 def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise(small_birds: Path, tmp_path: Path, monkeypatch,
                                                              capsys) -> None:
     overrides = [*tiny_overrides(small_birds, tmp_path, "lines"), "schedule.epochs=1"]
-    trainer.train(quick_start(overrides))
+    trainer.train(scratch_preset(overrides))
     lines = capsys.readouterr().out
     assert "epoch 1/1 [1/3] loss" in lines and "img/s" in lines  # redirected output: one line per logging step
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    trainer.train(quick_start([*tiny_overrides(small_birds, tmp_path, "bar"), "schedule.epochs=1"]))
+    trainer.train(scratch_preset([*tiny_overrides(small_birds, tmp_path, "bar"), "schedule.epochs=1"]))
     bar = terminal.getvalue()
     assert "epoch 1/1" in bar and "3/3" in bar and "step/s" in bar and "<" in bar  # steps, rate and ETA
     assert "img_s=" in bar and "loss=" in bar and "acc=" in bar
@@ -194,7 +197,7 @@ def test_a_tiny_model_learns_within_seconds(tmp_path: Path) -> None:
     overrides = tiny_overrides(root, tmp_path, "learn") + [
         "schedule.epochs=15", "data.image_size=48", "model.drop_rate=0.0", "data.batch_size=16", "optim.lr=0.01",
         "data.val_fraction=0.0", "train.threads=2", "train.log_every=1000"]
-    result = trainer.train(quick_start(overrides))
+    result = trainer.train(scratch_preset(overrides))
     assert result.test["top1"] > 30.0, result.test  # chance is 1/6
 
 
@@ -237,7 +240,7 @@ def test_output_stride_dilates_instead_of_downsampling() -> None:
 
 
 def test_backbone_args_reach_timm_and_survive_the_saved_config(tmp_path: Path) -> None:
-    cfg = quick_start(["model.backbone_args.stem_width=8", "model.backbone_args.channels=[16,24,24,40]"])
+    cfg = scratch_preset(["model.backbone_args.stem_width=8", "model.backbone_args.channels=[16,24,24,40]"])
     saved = tmp_path / "config.yaml"
     saved.write_text(to_yaml(cfg))
     assert load_config(saved).model.backbone_args == {"stem_width": 8, "channels": [16, 24, 24, 40]}

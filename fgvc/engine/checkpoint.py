@@ -36,15 +36,22 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     write_atomically(path, wrapped.getbuffer())
 
 
+def load_weights_only(path: Path, error: type[Exception], *, missing: str, damaged: str) -> Any:
+    """torch.load with weights_only (loading can never run code), its failures raised as `error` with the given
+    messages (`damaged` gets torch's reason appended)."""
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as reason:  # torch raises many types for a damaged zip or pickle
+        raise error(f"{damaged}: {reason}") from reason
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read and verify a checkpoint (weights_only: loading can never run code)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
-    try:
-        wrapped = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged zip or pickle
-        raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint: {error}") from error
+    wrapped = load_weights_only(path, CheckpointError, missing=f"checkpoint {path} not found",
+                                damaged=f"checkpoint {path} is damaged or not a checkpoint")
     if not isinstance(wrapped, dict) or wrapped.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an fgvc checkpoint (format {FORMAT})")
     payload = wrapped["payload"].numpy().tobytes()

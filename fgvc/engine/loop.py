@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fgvc.data.loader import SplitLoader
 from fgvc.engine.localization import LocalizationMeter, localization_maps
 from fgvc.engine.metrics import ClassificationMeter
 from fgvc.engine.tta import View, average_views
@@ -62,7 +61,8 @@ class Runtime:
 
     def batch(self, batch: dict) -> dict:
         moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        moved["image"] = self.images(moved["image"])
+        if "image" in moved:  # a batch of cached features has none
+            moved["image"] = self.images(moved["image"])
         return moved
 
 
@@ -135,7 +135,7 @@ def train_one_epoch(model: FGVCModel, criterion: nn.Module, optimization: Optimi
     for batch in loader:
         group_start = state.batch - state.batch % grad_accum
         group_size = min(grad_accum, batches_in_epoch - group_start)
-        if "image" in batch:
+        if batch:  # {}: every image of the batch was unreadable
             batch = runtime.batch(batch)
             if mixer is not None:
                 batch = mixer(batch, model, epoch=state.epoch, index=state.batch)
@@ -179,12 +179,12 @@ def evaluate(model: FGVCModel, loader: Iterable[dict], runtime: Runtime, *, num_
     model.eval()
     meter = meter if meter is not None else ClassificationMeter(num_classes)
     for batch in loader:
-        if "image" not in batch:
+        if not batch:  # every image of the batch was unreadable
             continue
         batch = runtime.batch(batch)
         with runtime.autocast():
             if views is None:
-                outputs = model(batch["image"])
+                outputs = model.outputs(batch)
                 scores = outputs["logits"]
                 if localization is not None:
                     localization.update(localization_maps(model, batch["image"], batch["label"], outputs), batch)
@@ -192,6 +192,7 @@ def evaluate(model: FGVCModel, loader: Iterable[dict], runtime: Runtime, *, num_
                 scores = average_views([model(view)["logits"] for view in views(batch["image"])], average)
         meter.update(scores, batch["label"], batch["index"])
     metrics = meter.compute() | (localization.compute() if localization is not None else {})
-    if isinstance(loader, SplitLoader):
-        metrics["excluded_images"] = len(loader.unreadable.reasons)
+    unreadable = getattr(loader, "unreadable", None)  # a SplitLoader's, or that of the images a cache was made of
+    if unreadable is not None:
+        metrics["excluded_images"] = len(unreadable.reasons)
     return metrics

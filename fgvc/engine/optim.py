@@ -16,19 +16,29 @@ FUSED_DEVICES = {"cpu", "cuda"}
 
 
 def parameter_groups(roles: dict[str, list[nn.Parameter]], *, lr: float, weight_decay: float,
-                     head_lr_mult: float = 1.0) -> list[dict]:
-    """Optimizer groups from a model's parameters by role (FGVCModel.parameter_groups: "backbone" and "head"):
-    (role) x (decayed | not decayed), the head's at `head_lr_mult` x lr. One-dimensional parameters -- norm scales
-    and shifts, biases -- are not decayed: shrinking them towards zero only fights the normalization."""
+                     head_lr_mult: float = 1.0, lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """Optimizer groups from a model's parameters by role (FGVCModel.parameter_groups: "backbone" and "head", or
+    one role per backbone layer under layer-wise lr decay): (role) x (decayed | not decayed), each at lr x its
+    `lr_scales` entry (default 1), the head's also x `head_lr_mult`. The scale is part of each group's lr, so the
+    schedule (which multiplies every group's initial lr) applies it at every step; it is also kept as `lr_scale`.
+    One-dimensional parameters -- norm scales and shifts, biases -- are not decayed: shrinking them towards zero
+    only fights the normalization."""
     groups = []
     for role, params in roles.items():
-        role_lr = lr * head_lr_mult if role == "head" else lr
+        scale = (lr_scales or {}).get(role, 1.0) * (head_lr_mult if role == "head" else 1.0)
         decayed = [p for p in params if p.ndim > 1]
         not_decayed = [p for p in params if p.ndim <= 1]
         for name, members, decay in ((role, decayed, weight_decay), (f"{role}_no_decay", not_decayed, 0.0)):
             if members:
-                groups.append({"name": name, "params": members, "lr": role_lr, "weight_decay": decay})
+                groups.append({"name": name, "params": members, "lr": lr * scale, "lr_scale": scale,
+                               "weight_decay": decay})
     return groups
+
+
+def layer_decay_scales(num_layers: int, decay: float) -> list[float]:
+    """Layer-wise lr decay (BEiT, MAE): layer l of `num_layers` (0 first) at decay^(num_layers - l), so the deepest
+    backbone layer has decay^1 and the new layers above it 1 -- timm's param_groups_layer_decay scales."""
+    return [decay ** (num_layers - layer) for layer in range(num_layers)]
 
 
 def build_optimizer(groups: list[dict], *, name: str, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:

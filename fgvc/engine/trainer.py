@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import fgvc
-from fgvc.build import Training, build_training, run_folder
+from fgvc.build import Training, build_training, run_folder, use_cached_features
 from fgvc.config import Config, to_dict, to_yaml
 from fgvc.engine.checkpoint import load_checkpoint, save_checkpoint
 from fgvc.engine.localization import meter_for
@@ -62,6 +62,7 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
         create_run_dir(run_dir, setup.config)
     else:
         _resume(run_dir, setup, state)
+    setup = use_cached_features(setup, run_dir)  # the linear probe's, when it caches them
     if setup.compile:
         setup.model.compile()
     log = MetricsLog(run_dir)

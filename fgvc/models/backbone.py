@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from timm.models import group_parameters
 from torch import nn
 
 from fgvc.errors import FGVCError, OptionError
@@ -21,11 +24,19 @@ class BackboneError(FGVCError, ValueError):
 class Backbone(nn.Module):
     """A timm model without its classifier. forward() gives B x C x H x W features: CNNs as they are, NHWC models
     (Swin) permuted, and ViT-style token sequences with the class/register tokens dropped and the patch tokens laid
-    back on their grid (non-square grids included), so every head sees positions the same way."""
+    back on their grid (non-square grids included), so every head sees positions the same way.
 
-    def __init__(self, model: nn.Module) -> None:
+    Its parameters fall into timm's depth groups (the model's group_matcher): `stages()` are the coarse ones (stem,
+    then each stage; a ViT's stages are its blocks), `layers()` the fine ones layer-wise lr decay scales. freeze()
+    stops the gradient of the first stages and keeps their modules in eval mode, through every train() call.
+    """
+
+    def __init__(self, model: nn.Module, group_matcher: Callable[[bool], dict] | None = None) -> None:
         super().__init__()
         self.model = model
+        # A features_only model has no group_matcher of its own, but its parameter names are the full model's.
+        self._group_matcher = group_matcher or getattr(model, "group_matcher", None)
+        self._frozen: list[nn.Module] = []
         # A features_only model (feature_stage) returns a list of stage outputs: the last one is pooled.
         self.stage_output = hasattr(model, "feature_info") and not hasattr(model, "forward_features")
         self.num_features = model.feature_info.channels()[-1] if self.stage_output else model.num_features
@@ -41,6 +52,47 @@ class Backbone(nn.Module):
         if self.channels_last_output:
             return features.permute(0, 3, 1, 2)
         return features
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    def stages(self) -> list[list[nn.Parameter]]:
+        """The parameters by stage, first to last (timm's coarse groups: the stem is the first)."""
+        return self._groups(coarse=True)
+
+    def layers(self) -> list[list[nn.Parameter]]:
+        """The parameters by depth, first to last, as finely as timm groups them for layer-wise lr decay."""
+        return self._groups(coarse=False)
+
+    def _groups(self, *, coarse: bool) -> list[list[nn.Parameter]]:
+        if self._group_matcher is None:
+            raise BackboneError(f"{type(self.model).__name__} has no timm group_matcher, so its stages are unknown")
+        parameters = dict(self.model.named_parameters())
+        groups = group_parameters(self.model, self._group_matcher(coarse))
+        return [[parameters[name] for name in names] for names in groups.values()]
+
+    def freeze(self, trainable_stages: int = 0) -> None:
+        """Freeze all but the last `trainable_stages` stages (0: the whole backbone, as a linear probe does): no
+        gradient, and every module whose parameters are all frozen stays in eval mode (BatchNorm statistics kept,
+        dropout and stochastic depth off), even after train()."""
+        stages = self.stages()
+        if not 0 <= trainable_stages <= len(stages):
+            raise OptionError("trainable_stages", f"{trainable_stages} is not between 0 and the {len(stages)} stages "
+                                                  f"of {type(self.model).__name__} (stem included)")
+        frozen = stages if trainable_stages == 0 else stages[:-trainable_stages]
+        for parameter in (p for stage in frozen for p in stage):
+            parameter.requires_grad_(False)
+        self._frozen = [self.model] if trainable_stages == 0 else [
+            module for module in self.model.modules() if _wholly_frozen(module)]
+        self.train(self.training)
+
+    @property
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules freeze() keeps in eval mode."""
+        return list(self._frozen)
 
     def refuses_size(self, height: int, width: int) -> str | None:
         """Why the backbone cannot take a height x width input, or None: a patch-embedding model needs sizes its
@@ -94,8 +146,10 @@ def create_backbone(name: str, *, pretrained: bool = False, pretrained_file: str
             raise OptionError("backbone_args", f"may not set {arg}: use {MANAGED_ARGS[arg]}")
     check_backbone_name(name)
     kwargs: dict[str, Any] = {**backbone_args, "num_classes": 0}
+    group_matcher = None
     if feature_stage is not None:  # timm builds the network only up to that stage
         kwargs.update(features_only=True, out_indices=(feature_stage,))
+        group_matcher = _whole_model_group_matcher(name, backbone_args)
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
     if image_size is not None and takes_image_size(name):
@@ -110,13 +164,13 @@ def create_backbone(name: str, *, pretrained: bool = False, pretrained_file: str
     elif pretrained:
         kwargs["pretrained"] = True
     if output_stride is None:
-        return Backbone(_create(name, kwargs, backbone_args))
+        return Backbone(_create(name, kwargs, backbone_args), group_matcher)
     try:
-        return Backbone(_create(name, {**kwargs, "output_stride": output_stride}, backbone_args))
+        return Backbone(_create(name, {**kwargs, "output_stride": output_stride}, backbone_args), group_matcher)
     except (TypeError, AssertionError) as error:  # an architecture without output_stride (ViT), or VGG's assertion
         refusal = str(error) or "refused by an assertion"
     if "output_stride" in refusal:  # no such argument: the architecture's own stride may be the one asked for
-        backbone = Backbone(_create(name, kwargs, backbone_args))
+        backbone = Backbone(_create(name, kwargs, backbone_args), group_matcher)
         if own_stride(backbone) == output_stride:
             return backbone
         refusal = f"its features have stride {own_stride(backbone)}"
@@ -125,6 +179,29 @@ def create_backbone(name: str, *, pretrained: bool = False, pretrained_file: str
                                            f"({refusal})")
     raise OptionError("output_stride", f"{output_stride} is not possible for {name} ({refusal}); null keeps the "
                                        "architecture's own (ViT-style backbones, VGG and Inception need null)")
+
+
+def _wholly_frozen(module: nn.Module) -> bool:
+    """Whether a module has parameters and none of them trains (its parameterless children go with it)."""
+    parameters = list(module.parameters())
+    return bool(parameters) and not any(p.requires_grad for p in parameters)
+
+
+def _whole_model_group_matcher(name: str, backbone_args: dict[str, Any]) -> Callable[[bool], dict]:
+    """The group_matcher of the whole architecture, for its features_only variant: the model is built on the meta
+    device (no memory, no weights) when the groups are first asked for."""
+
+    @functools.cache
+    def whole_model() -> nn.Module:
+        with torch.device("meta"):
+            return timm.create_model(name, num_classes=0, **backbone_args)
+
+    def group_matcher(coarse: bool) -> dict:
+        if not hasattr(whole_model(), "group_matcher"):
+            raise BackboneError(f"{name} has no timm group_matcher, so its stages are unknown")
+        return whole_model().group_matcher(coarse)
+
+    return group_matcher
 
 
 def _create(name: str, kwargs: dict[str, Any], backbone_args: dict[str, Any]) -> nn.Module:

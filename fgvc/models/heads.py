@@ -27,6 +27,15 @@ Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # images -> outputs
 class Head(nn.Module):
     """Base of every head: one pass in training and at inference."""
 
+    # Whether training needs nothing but the backbone's features of each image; False for heads whose training
+    # passes look at the images again (WS-DAN's attention crop and drop), which a feature cache cannot serve.
+    trains_from_features = True
+
+    def sufficient_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The least of the B x C x h x w features that determines the head's output, as B x C' x h' x w' features
+        the head takes in their place: what a feature cache keeps. The whole map, unless the head pools first."""
+        return features
+
     def training_losses(self, forward: Forward, batch: dict, outputs: dict[str, torch.Tensor],
                         criterion: nn.Module) -> dict[str, torch.Tensor]:
         """The loss dict of one training step, given the outputs of the pass on batch["image"]."""
@@ -101,6 +110,10 @@ class LinearHead(Head):
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = features.mean(dim=(2, 3))
         return {"logits": self.fc(self.dropout(pooled))}
+
+    def sufficient_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The average over positions, as a 1 x 1 map (whose own average is itself)."""
+        return features.mean(dim=(2, 3), keepdim=True)
 
     def class_activation_maps(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The class activation map (Zhou et al. 2016): the true class's classifier weights over the feature map,

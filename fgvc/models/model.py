@@ -40,9 +40,17 @@ class FGVCModel(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_head(self.forward_features(images), images)
 
+    def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Inference outputs for a batch dict: of its images, or of the backbone features a feature cache put in
+        batch["features"] (fgvc.transfer.features: the backbone is frozen, so its output is fixed)."""
+        if "features" in batch:
+            return self.forward_head(batch["features"], None)
+        return self(batch["image"])
+
     def training_step(self, batch: dict, criterion: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-        """(outputs of the pass on batch["image"], the loss dict) -- extra passes are the head's business."""
-        outputs = self.single_pass(batch["image"])
+        """(outputs of the pass on batch["image"], or on cached batch["features"], and the loss dict) -- extra
+        passes are the head's business."""
+        outputs = self.head(batch["features"]) if "features" in batch else self.single_pass(batch["image"])
         return outputs, self.head.training_losses(self.single_pass, batch, outputs, criterion)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -50,6 +58,16 @@ class FGVCModel(nn.Module):
         are new for this task), so optimizers can treat them apart without knowing the model's structure."""
         return {"backbone": [p for p in self.backbone.parameters() if p.requires_grad],
                 "head": [p for p in self.head.parameters() if p.requires_grad]}
+
+    def backbone_layers(self) -> list[list[nn.Parameter]]:
+        """The trainable backbone parameters by depth, first to last (timm's fine groups), for layer-wise lr decay;
+        layers with nothing left to train are kept, so a layer's depth does not depend on what is frozen."""
+        return [[p for p in layer if p.requires_grad] for layer in self.backbone.layers()]
+
+    def freeze_backbone(self, trainable_stages: int = 0) -> None:
+        """Train only the last `trainable_stages` backbone stages (0: none, a linear probe); the frozen part keeps
+        its weights and stays in eval mode (fgvc.models.backbone.Backbone.freeze)."""
+        self.backbone.freeze(trainable_stages)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """torch.compile in place, part by part, so that every pass a method makes (training_step, the head's

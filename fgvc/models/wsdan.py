@@ -30,6 +30,8 @@ class WSDANHead(Head):
     scales the center loss; the class centers move center_momentum of the way towards each batch's part features.
     Part features are multiplied by logit_scale before the classifier."""
 
+    trains_from_features = False  # its crop and drop passes run the backbone on new images
+
     def __init__(self, in_features: int, num_classes: int, *, num_attention_maps: int = 32, drop_rate: float = 0.0,
                  crop_threshold: Sequence[float] = (0.4, 0.6), drop_threshold: Sequence[float] = (0.2, 0.5),
                  crop_padding: float = 0.1, test_crop_threshold: float = 0.1, test_crop_padding: float = 0.05,
