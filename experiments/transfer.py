@@ -20,21 +20,12 @@ import json
 import math
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 from report import emit, finished, header, mean_spread
 from safetensors.torch import save_file
 
-from fgvc.build import (
-    build_backbone,
-    build_dataset,
-    build_runtime,
-    build_training,
-    knn_probe,
-    seed_everything,
-    use_cached_features,
-)
+from fgvc.build import build_training, transfer_measurement, use_cached_features
 from fgvc.config import Config, load_config
 from fgvc.engine.checkpoint import load_checkpoint
 from fgvc.engine.loop import TrainState, train_one_epoch
@@ -56,7 +47,8 @@ STRATEGIES = {
     "full + layer decay 0.75": {"transfer.mode": "full", "optim.layer_decay": 0.75},
 }
 ADVISED = {cell_: next(name for name, keys in STRATEGIES.items()
-                       if {k: v for k, v in keys.items() if k != "optim.lr"} == recommended)
+                       if {k: v for k, v in keys.items() if k != "optim.lr"}
+                       == {k: v for k, v in recommended.items() if v is not None})
            for cell_, recommended in RECOMMENDATIONS.items()}
 
 
@@ -211,19 +203,6 @@ def train_source(scratch: Path) -> Path:
     return path
 
 
-def advisor_measurement(cfg: Config) -> Measurement:
-    """What `python -m fgvc.transfer advise` measures, for this target."""
-    runtime = build_runtime(cfg)
-    knn = {}
-    for name, model in (("pretrained", cfg.model),
-                        ("random", dataclasses.replace(cfg.model, pretrained_file=None))):
-        seed_everything(cfg.train.seed)
-        backbone = build_backbone(model, image_size=cfg.data.image_size)
-        knn[name] = knn_probe(cfg, backbone, runtime, split="val")["top1"]
-    counts = Counter(int(label) for label in build_dataset(cfg.data, "train").targets)
-    return Measurement(sum(counts.values()) / len(counts), knn["pretrained"], knn["random"])
-
-
 def measure_rule(args: argparse.Namespace, scratch: Path) -> dict:
     """Every target's advisor measurement and every strategy's (test top-1, seconds) per seed."""
     source = train_source(scratch)
@@ -232,7 +211,7 @@ def measure_rule(args: argparse.Namespace, scratch: Path) -> dict:
         for domain in DOMAINS:
             data = [*TINY, *target_data(size, domain), f"schedule.epochs={SIZES[size][1]}", f"output_dir={scratch}",
                     "schedule.warmup_epochs=1"]
-            measurement = advisor_measurement(load_config(SCRATCH, [*data, f"model.pretrained_file={source}"]))
+            measurement = transfer_measurement(load_config(SCRATCH, [*data, f"model.pretrained_file={source}"]))
             runs = {}
             for name, keys in {"from scratch": {}, **STRATEGIES}.items():
                 weights = [] if name == "from scratch" else [f"model.pretrained_file={source}"]

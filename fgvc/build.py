@@ -16,6 +16,7 @@ import functools
 import inspect
 import os
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +42,7 @@ from fgvc.mixing import Mixer
 from fgvc.models import HEADS, FGVCModel, create_backbone
 from fgvc.models.backbone import Backbone, check_backbone_name
 from fgvc.registry import Registry, UnknownName
+from fgvc.transfer.advise import Measurement
 from fgvc.transfer.features import (
     CACHE_DTYPES,
     CachedFeatures,
@@ -242,13 +244,17 @@ def without_weights(model: ModelConfig) -> ModelConfig:
     return dataclasses.replace(model, pretrained=False, pretrained_file=None, pretrained_package=None)
 
 
-def weights_file(model: ModelConfig) -> str | None:
-    """model.pretrained_file, or the file model.pretrained_package converts to (imported on first use)."""
-    if model.pretrained_package is None:
-        return model.pretrained_file
-    if model.pretrained or model.pretrained_file is not None:
+def check_weights(model: ModelConfig) -> None:
+    if model.pretrained_package is not None and (model.pretrained or model.pretrained_file is not None):
         raise ConfigError("model.pretrained_package: give one source of weights, not also model.pretrained or "
                           "model.pretrained_file")
+
+
+def weights_file(model: ModelConfig) -> str | None:
+    """model.pretrained_file, or the file model.pretrained_package converts to (imported on first use)."""
+    check_weights(model)
+    if model.pretrained_package is None:
+        return model.pretrained_file
     with config_keys(model_key):
         return str(package_weights(model.pretrained_package, model.backbone, data_root() / "weights", echo=echo))
 
@@ -348,6 +354,7 @@ def build_training(cfg: Config) -> Training:
         check_backbone_name(cfg.model.backbone)
     registered(HEADS, cfg.model.head, "model.head")
     registered(DATASETS, cfg.data.dataset, "data.dataset")
+    check_weights(cfg.model)
     check_transfer(cfg)
     runtime = build_runtime(cfg)
     if train.threads > 0:
@@ -487,6 +494,19 @@ def knn_probe(cfg: Config, backbone: torch.nn.Module, runtime: Runtime, *, split
         return knn_accuracy(train_features, train_labels, query_features, query_labels, k=k, temperature=temperature,
                             num_classes=len(dataset.classes))
 
+
+def transfer_measurement(cfg: Config, *, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE) -> Measurement:
+    """What the advisor (fgvc.transfer.advise) needs of the target cfg.data: its training images per class, and the
+    k-NN top-1 on the validation split of model.*'s pretrained backbone and of the same architecture at random init
+    (each built after seeding with train.seed)."""
+    runtime = build_runtime(cfg)
+    knn = {}
+    for name, model in (("pretrained", cfg.model), ("random", without_weights(cfg.model))):
+        seed_everything(cfg.train.seed)
+        backbone = build_backbone(model, image_size=cfg.data.image_size).to(runtime.device)
+        knn[name] = knn_probe(cfg, backbone, runtime, split="val", k=k, temperature=temperature)["top1"]
+    counts = Counter(int(label) for label in build_dataset(cfg.data, "train").targets)
+    return Measurement(sum(counts.values()) / len(counts), pretrained_knn=knn["pretrained"], random_knn=knn["random"])
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="best.pt or last.pt of a run")
     parser.add_argument("--knn", action="store_true", help="weighted k-NN of the frozen backbone features instead")
-    parser.add_argument("--k", type=int, default=DEFAULT_K, help="--knn: neighbours")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="--knn: vote temperature")
+    parser.add_argument("--k", type=int, help=f"--knn: neighbours (default {DEFAULT_K})")
+    parser.add_argument("--temperature", type=float, help=f"--knn: vote temperature (default {DEFAULT_TEMPERATURE})")
     parser.add_argument("--model", help="--knn without --checkpoint: model.backbone")
     parser.add_argument("--pretrained-file", help="--knn without --checkpoint: model.pretrained_file")
     parser.add_argument("--dataset", help="--knn without --checkpoint: data.dataset")
@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write every image's single-crop class probabilities (JSON lines)")
     args = parser.parse_intermixed_args(argv)
+    refuse_unused(args, parser)
     if args.knn:
         return knn_main(args)
     if args.checkpoint is None:
@@ -104,6 +105,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+KNN_ONLY = ("k", "temperature", "model", "pretrained_file", "dataset", "overrides")
+NOT_WITH_KNN = ("tta", "average", "scales", "batch_size", "save_probabilities")
+
+
+def refuse_unused(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """An option the chosen evaluation would ignore is an error, not silently dropped."""
+    unused = NOT_WITH_KNN if args.knn else KNN_ONLY
+    given = [name for name in unused if getattr(args, name) not in (parser.get_default(name), [])]
+    if given:
+        names = ", ".join("key=value" if name == "overrides" else f"--{name.replace('_', '-')}" for name in given)
+        raise OptionError("--knn", f"{names} {'do' if len(given) > 1 else 'does'} not apply "
+                                 f"{'with' if args.knn else 'without'} --knn")
+
+
 def knn_main(args: argparse.Namespace) -> int:
     """--knn: the checkpoint's backbone on its run's data, or a backbone's weights on the data the flags name."""
     if args.checkpoint is not None:
@@ -122,7 +137,8 @@ def knn_main(args: argparse.Namespace) -> int:
         weights = (cfg.model.pretrained_file or cfg.model.pretrained_package
                    or ("hub weights" if cfg.model.pretrained else "random init"))
         source = f"{cfg.model.backbone} ({weights})"
-    result = knn_probe(cfg, backbone, runtime, split=args.split, k=args.k, temperature=args.temperature)
+    result = knn_probe(cfg, backbone, runtime, split=args.split, k=DEFAULT_K if args.k is None else args.k,
+                       temperature=DEFAULT_TEMPERATURE if args.temperature is None else args.temperature)
     print(f"weighted k-NN (k={result['k']}, T={result['temperature']:g}) of {source}, {args.split} split on the "
           f"train split's neighbours: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%")
     if args.output:

@@ -240,7 +240,7 @@ def package_weights(name: str, backbone: str, cache_dir: Path, echo: Callable[[s
     if backbone.split(".", 1)[0] != spec.architecture:
         raise OptionError("pretrained_package", f"{name} holds {spec.architecture} weights, not {backbone}'s; set "
                                                 f"`backbone` to {spec.architecture}")
-    path = cache_dir / f"{spec.architecture}-{name}.safetensors"
+    path = cache_dir / f"{spec.architecture}-{spec.requirement.replace('==', '-')}.safetensors"  # a new pin: anew
     if not path.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         echo(f"importing the ImageNet weights of {spec.requirement} into {path} (once) ...")

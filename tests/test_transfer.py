@@ -17,9 +17,11 @@ from timm.optim import param_groups_layer_decay
 from fgvc import evaluate as evaluate_cli
 from fgvc.build import build_training, knn_probe, load_model, use_cached_features
 from fgvc.config import ConfigError, ModelConfig, load_config
+from fgvc.data.cub import CUBDataset
 from fgvc.engine import trainer
 from fgvc.engine.loop import TrainState, evaluate, train_one_epoch
 from fgvc.engine.optim import warmup_cosine
+from fgvc.errors import FGVCError
 from fgvc.models import FGVCModel
 from fgvc.transfer import __main__ as transfer_cli
 from fgvc.transfer.advise import STRATEGY_NAMES, Measurement, Thresholds, cell, table
@@ -145,17 +147,26 @@ def test_layer_decay_reaches_every_step_of_the_schedule(small_birds: Path, tmp_p
                                                                                 setup.model.parameters()}
 
 
-def probe_head(small_birds: Path, output: Path, name: str, cache: bool, extra: tuple = ()) -> dict:
-    cfg = scratch_preset([*tiny_overrides(small_birds, output, name), *NO_AUGMENTATION, "transfer.mode=linear_probe",
+def probe_head(root: Path, output: Path, name: str, cache: bool, extra: tuple = ()) -> dict:
+    cfg = scratch_preset([*tiny_overrides(root, output, name), *NO_AUGMENTATION, "transfer.mode=linear_probe",
                           f"transfer.cache_features={str(cache).lower()}", "transfer.cache_dtype=float32", *extra])
     result = trainer.train(cfg)
     return {k: v for k, v in trainer.load_checkpoint(result.run_dir / "last.pt")["model"].items()
             if k.startswith("head.")}, result
 
 
-def test_the_cached_probe_trains_the_same_head_as_the_uncached_one(small_birds: Path, tmp_path: Path) -> None:
-    cached, cached_run = probe_head(small_birds, tmp_path, "cached", True)
-    uncached, uncached_run = probe_head(small_birds, tmp_path, "uncached", False)
+@pytest.mark.parametrize("unreadable", [False, True])
+def test_the_cached_probe_trains_the_same_head_as_the_uncached_one(small_birds: Path, birds_copy: Path,
+                                                                    tmp_path: Path, unreadable: bool, capsys) -> None:
+    """Also with an unreadable training image: left out of its batch in both, so batches, steps and schedule are
+    the same."""
+    root, extra = small_birds, ()
+    if unreadable:
+        root, extra = birds_copy, ("data.max_bad_fraction=0.1",)
+        Path(CUBDataset(birds_copy, "train").image_path(3)).write_bytes(b"not a JPEG")
+    cached, cached_run = probe_head(root, tmp_path, "cached", True, extra)
+    uncached, uncached_run = probe_head(root, tmp_path, "uncached", False, extra)
+    assert ("unreadable train image" in capsys.readouterr().out) == unreadable
     for name in cached:
         torch.testing.assert_close(cached[name], uncached[name], rtol=1e-5, atol=1e-6)
     assert cached_run.val["top1"] == uncached_run.val["top1"]
@@ -194,7 +205,7 @@ def test_a_cache_over_its_memory_budget_is_refused_before_the_backbone_runs(smal
     (["transfer.mode=partial"], "transfer.mode: 'partial' is unknown; choose one of full, linear_probe, top"),
     (["transfer.mode=top"], "transfer.trainable_stages: set it"),
     (["transfer.trainable_stages=2"], "transfer.trainable_stages: set it"),
-    (["transfer.mode=top", "transfer.trainable_stages=9"], "trainable_stages: 9 is not between 0 and the 5 stages"),
+    (["transfer.mode=top", "transfer.trainable_stages=9"], "trainable_stages: 9 is not between 1 and the 5 stages"),
     (["transfer.mode=top", "transfer.trainable_stages=0"], "transfer.trainable_stages must be null or at least 1"),
     (["transfer.mode=linear_probe", "optim.layer_decay=0.7"], "optim.layer_decay: transfer.mode=linear_probe"),
     (["optim.layer_decay=1.5"], "optim.layer_decay must be null or in"),
@@ -224,6 +235,12 @@ def test_features_only_backbones_know_their_stages() -> None:
     assert len(stages) == 4 and sum(map(len, stages)) == len(list(model.backbone.parameters()))
     model.freeze_backbone(1)
     assert {id(p) for p in model.backbone.parameters() if p.requires_grad} == {id(p) for p in stages[-1]}
+    # A wrapper that renames its layers cannot be split by the whole model's patterns: refused, not lumped together.
+    renamed = build_model(ModelConfig(backbone="convnext_atto", feature_stage=2), num_classes=3)
+    with pytest.raises(FGVCError, match="cannot be told apart .* need model.feature_stage=null"):
+        renamed.freeze_backbone(1)
+    renamed.freeze_backbone(0)  # a linear probe needs no stages
+    assert not any(p.requires_grad for p in renamed.backbone.parameters())
 
 
 def brute_force_knn(train: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int, temperature: float,
@@ -318,6 +335,11 @@ def test_advise_measures_writes_a_recipe_that_trains(small_birds: Path, tmp_path
     assert (cfg.transfer.mode, cfg.model.pretrained_file, cfg.data.image_size) == ("linear_probe", str(weights), 32)
     assert trainer.train(cfg).completed
     assert transfer_cli.main(args) == 2 and "exists" in capsys.readouterr().err  # never overwritten silently
+    # The recommendation laid over what was measured must train: a linear probe cannot cache under mixup.
+    mixing = tmp_path / "mixing.yaml"
+    mixing_args = [str(mixing) if arg == str(out) else arg for arg in args]
+    assert transfer_cli.main([*mixing_args, "regularization.mixup_alpha=0.2"]) == 2
+    assert "mixup, cutmix and snapmix mix images" in capsys.readouterr().err and not mixing.exists()
 
 
 def test_evaluate_knn_of_a_checkpoint_and_of_a_backbone(small_birds: Path, tmp_path: Path, capsys) -> None:
@@ -337,5 +359,8 @@ def test_evaluate_knn_of_a_checkpoint_and_of_a_backbone(small_birds: Path, tmp_p
                               "data.image_size=32", "data.workers=0"]) == 0
     assert f"test_resnet ({weights})" in capsys.readouterr().out
     assert evaluate_cli.main(["--knn", "--checkpoint", str(checkpoint), "--model", "resnet50"]) == 2
+    assert evaluate_cli.main(["--knn", "--checkpoint", str(checkpoint), "--tta", "flip"]) == 2
+    assert evaluate_cli.main(["--checkpoint", str(checkpoint), "--k", "5"]) == 2
+    assert "--knn: --k does not apply without --knn" in capsys.readouterr().err
     assert evaluate_cli.main(["--split", "val"]) == 2
     assert "--checkpoint is required" in capsys.readouterr().err

@@ -27,14 +27,15 @@ class Backbone(nn.Module):
     back on their grid (non-square grids included), so every head sees positions the same way.
 
     Its parameters fall into timm's depth groups (the model's group_matcher): `stages()` are the coarse ones (stem,
-    then each stage; a ViT's stages are its blocks), `layers()` the fine ones layer-wise lr decay scales. freeze()
+    then each stage, as timm draws them: a ViT's blocks, an EfficientNet's blocks and then its head convolution),
+    `layers()` the fine ones layer-wise lr decay scales. freeze()
     stops the gradient of the first stages and keeps their modules in eval mode, through every train() call.
     """
 
     def __init__(self, model: nn.Module, group_matcher: Callable[[bool], dict] | None = None) -> None:
         super().__init__()
         self.model = model
-        # A features_only model has no group_matcher of its own, but its parameter names are the full model's.
+        # A features_only model has no group_matcher of its own: the whole architecture's is passed in.
         self._group_matcher = group_matcher or getattr(model, "group_matcher", None)
         self._frozen: list[nn.Module] = []
         # A features_only model (feature_stage) returns a list of stage outputs: the last one is pooled.
@@ -69,20 +70,32 @@ class Backbone(nn.Module):
 
     def _groups(self, *, coarse: bool) -> list[list[nn.Parameter]]:
         if self._group_matcher is None:
-            raise BackboneError(f"{type(self.model).__name__} has no timm group_matcher, so its stages are unknown")
+            raise BackboneError(f"{type(self.model).__name__} has no timm group_matcher, so its stages are unknown "
+                                "(transfer.mode=top and optim.layer_decay need them)")
         parameters = dict(self.model.named_parameters())
-        groups = group_parameters(self.model, self._group_matcher(coarse))
+        matcher = self._group_matcher(coarse)
+        known = getattr(self._group_matcher, "parameter_names", None)
+        if known is not None and not parameters.keys() <= known:
+            # Many features_only wrappers rename their layers (stages_0, model.blocks...), which timm's patterns for
+            # the whole model would then lump into one group.
+            raise BackboneError(f"the stages of {type(self.model).__name__} built up to model.feature_stage cannot "
+                                "be told apart (its layers are renamed); transfer.mode=top and optim.layer_decay need "
+                                "model.feature_stage=null")
+        groups = group_parameters(self.model, matcher)
         return [[parameters[name] for name in names] for names in groups.values()]
 
     def freeze(self, trainable_stages: int = 0) -> None:
         """Freeze all but the last `trainable_stages` stages (0: the whole backbone, as a linear probe does): no
         gradient, and every module whose parameters are all frozen stays in eval mode (BatchNorm statistics kept,
         dropout and stochastic depth off), even after train()."""
-        stages = self.stages()
-        if not 0 <= trainable_stages <= len(stages):
-            raise OptionError("trainable_stages", f"{trainable_stages} is not between 0 and the {len(stages)} stages "
-                                                  f"of {type(self.model).__name__} (stem included)")
-        frozen = stages if trainable_stages == 0 else stages[:-trainable_stages]
+        if trainable_stages == 0:  # needs no stages
+            frozen = [list(self.model.parameters())]
+        else:
+            stages = self.stages()
+            if not 1 <= trainable_stages <= len(stages):
+                raise OptionError("trainable_stages", f"{trainable_stages} is not between 1 and the {len(stages)} "
+                                                      f"stages of {type(self.model).__name__} (stem included)")
+            frozen = stages[:-trainable_stages]
         for parameter in (p for stage in frozen for p in stage):
             parameter.requires_grad_(False)
         self._frozen = [self.model] if trainable_stages == 0 else [
@@ -196,12 +209,20 @@ def _whole_model_group_matcher(name: str, backbone_args: dict[str, Any]) -> Call
         with torch.device("meta"):
             return timm.create_model(name, num_classes=0, **backbone_args)
 
-    def group_matcher(coarse: bool) -> dict:
-        if not hasattr(whole_model(), "group_matcher"):
-            raise BackboneError(f"{name} has no timm group_matcher, so its stages are unknown")
-        return whole_model().group_matcher(coarse)
+    class WholeModelMatcher:
+        """Calls as the whole model's group_matcher; `parameter_names` are the names its patterns were made for."""
 
-    return group_matcher
+        def __call__(self, coarse: bool) -> dict:
+            if not hasattr(whole_model(), "group_matcher"):
+                raise BackboneError(f"{name} has no timm group_matcher, so its stages are unknown (transfer.mode=top "
+                                    "and optim.layer_decay need them)")
+            return whole_model().group_matcher(coarse)
+
+        @property
+        def parameter_names(self) -> set[str]:
+            return {parameter_name for parameter_name, _ in whole_model().named_parameters()}
+
+    return WholeModelMatcher()
 
 
 def _create(name: str, kwargs: dict[str, Any], backbone_args: dict[str, Any]) -> nn.Module:

@@ -10,6 +10,8 @@ from torch import nn
 from fgvc.models.backbone import Backbone
 from fgvc.models.heads import Head, grad_cam
 
+FEATURES_KEY = "features"  # the batch key of cached backbone features (fgvc.transfer.features), read for "image"
+
 
 class FGVCModel(nn.Module):
     """forward(images) is inference in eval mode (with the head's test-time passes) and one pass in training;
@@ -43,14 +45,14 @@ class FGVCModel(nn.Module):
     def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         """Inference outputs for a batch dict: of its images, or of the backbone features a feature cache put in
         batch["features"] (fgvc.transfer.features: the backbone is frozen, so its output is fixed)."""
-        if "features" in batch:
-            return self.forward_head(batch["features"], None)
+        if FEATURES_KEY in batch:
+            return self.forward_head(batch[FEATURES_KEY], None)
         return self(batch["image"])
 
     def training_step(self, batch: dict, criterion: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         """(outputs of the pass on batch["image"], or on cached batch["features"], and the loss dict) -- extra
         passes are the head's business."""
-        outputs = self.head(batch["features"]) if "features" in batch else self.single_pass(batch["image"])
+        outputs = self.head(batch[FEATURES_KEY]) if FEATURES_KEY in batch else self.single_pass(batch["image"])
         return outputs, self.head.training_losses(self.single_pass, batch, outputs, criterion)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -13,23 +13,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections import Counter
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from fgvc.build import (
-    build_backbone,
-    build_dataset,
-    build_runtime,
-    has_weights,
-    knn_probe,
-    seed_everything,
-    without_weights,
-)
+import yaml
+
+from fgvc.build import check_transfer, has_weights, transfer_measurement
 from fgvc.config import ConfigError, load_config, recipe_path
 from fgvc.errors import OutputExists, command
 from fgvc.files import write_atomically
-from fgvc.transfer.advise import Measurement, Thresholds, recipe, table
+from fgvc.transfer.advise import Thresholds, recipe, table
 from fgvc.transfer.knn import DEFAULT_K, DEFAULT_TEMPERATURE
 
 
@@ -56,6 +50,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_recipe(text: str, out: Path) -> None:
+    """Refuse to write a recipe that would not train: its keys must fit the schema and each other."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=out.parent, delete=False) as file:
+        file.write(text)
+    try:
+        check_transfer(load_config(file.name))
+    except ConfigError as error:
+        raise ConfigError(f"the recommended settings do not fit the measured recipe ({error}); nothing written to "
+                          f"{out}") from None
+    finally:
+        Path(file.name).unlink()
+
+
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
@@ -69,25 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not has_weights(cfg.model):
         raise ConfigError("advise judges pretrained weights: give --pretrained-file (or model.pretrained=true, or "
                           "model.pretrained_package)")
-    runtime = build_runtime(cfg)
-    labels = Counter(int(label) for label in build_dataset(cfg.data, "train").targets)
-    measured = {}
-    for name, model in (("pretrained", cfg.model),
-                        ("random", without_weights(cfg.model))):
-        seed_everything(cfg.train.seed)
-        backbone = build_backbone(model, image_size=cfg.data.image_size).to(runtime.device)
-        measured[name] = knn_probe(cfg, backbone, runtime, split="val", k=args.k, temperature=args.temperature)
-    measurement = Measurement(images_per_class=sum(labels.values()) / len(labels),
-                              pretrained_knn=measured["pretrained"]["top1"], random_knn=measured["random"]["top1"])
+    measurement = transfer_measurement(cfg, k=args.k, temperature=args.temperature)
     thresholds = Thresholds(small_below=args.small_below, similar_gain=args.similar_gain)
     print(table(measurement, thresholds))
+    # What was measured: the flags' keys and every key=value given, over the recipe it started from.
     base = {"data.dataset": cfg.data.dataset, "data.root": cfg.data.root, "data.image_size": cfg.data.image_size,
             **{f"model.{key}": getattr(cfg.model, key)
                for key in ("backbone", "pretrained", "pretrained_file", "pretrained_package")}}
     if cfg.data.dataset == "synthbirds":  # the generated data is part of what was measured
         base["data.synthbirds"] = dataclasses.asdict(cfg.data.synthbirds)
+    base |= {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in overrides)}
     base_recipe = str(recipe_path(args.config).resolve()) if args.config else None
-    write_atomically(out, recipe(measurement, base, thresholds, base_recipe))
+    text = recipe(measurement, base, thresholds, base_recipe)
+    check_recipe(text, out)
+    write_atomically(out, text)
     print(f"recommended settings written to {out}: python -m fgvc.train --config {out}")
     return 0
 

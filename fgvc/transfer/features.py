@@ -3,8 +3,8 @@ un-augmented) images, and the head trains on what it gave at the speed of the he
 
 A cache keeps what the head's output depends on (Head.sufficient_features): a linear head's position average (C
 numbers an image), the whole final map for heads that read positions (bilinear, isqrt). Batches come in the order
-of the image loader -- a function of (seed, epoch) -- so a cached probe steps exactly as an uncached one fed the same
-features would, and resumes mid-epoch the same way.
+of the image loader -- a function of (seed, epoch) over the dataset's indices -- so a cached probe steps exactly as
+an uncached one fed the same features would, and resumes mid-epoch the same way.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from fgvc.engine.loop import Runtime
 from fgvc.errors import FGVCError
 from fgvc.files import write_atomically
 from fgvc.models import FGVCModel
+from fgvc.models.model import FEATURES_KEY
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-FEATURES_KEY = "features"  # the batch key of cached features, which FGVCModel reads in place of "image"
 
 
 class FeatureCacheError(FGVCError, ValueError):
@@ -112,18 +112,22 @@ def extract_features(model: FGVCModel, loader: Iterable[dict], runtime: Runtime,
 
 class FeatureLoader:
     """Batches of cached features, as a SplitLoader gives batches of images: {"features", "label", "index"}, the
-    order of epoch e a function of (seed, e) (train: shuffled, the last incomplete batch dropped), set_epoch before
-    each epoch. The features reach the device in float32."""
+    order of epoch e a function of (seed, e) over the dataset's indices (train: shuffled, the last incomplete batch
+    dropped), set_epoch before each epoch. An image the cache lacks (unreadable when it was made) is left out of its
+    batch, as the image loader leaves it out, so batches, steps and order are those of the image loader; a batch
+    with nothing cached comes as {}. The features reach the device in float32."""
 
     def __init__(self, cache: CachedFeatures, *, dataset, unreadable: UnreadableImages, batch_size: int, seed: int,
                  train: bool) -> None:
         self.cache, self.dataset, self.unreadable = cache, dataset, unreadable
         self.batch_size, self.drop_last = batch_size, train
-        self.sampler = EpochSampler(len(cache), seed=seed, shuffle=train)
+        self.sampler = EpochSampler(len(dataset), seed=seed, shuffle=train)
+        self.rows = torch.full((len(dataset),), -1, dtype=torch.int64)  # dataset index -> cache row (-1: none)
+        self.rows[cache.indices] = torch.arange(len(cache))
 
     @property
     def batches_per_epoch(self) -> int:
-        count = len(self.cache)
+        count = len(self.dataset)
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -134,8 +138,12 @@ class FeatureLoader:
         return remaining // self.batch_size if self.drop_last else -(-remaining // self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
-        rows = torch.tensor([index for _, index in self.sampler], dtype=torch.int64)
+        rows = self.rows[torch.tensor([index for _, index in self.sampler], dtype=torch.int64)]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch_rows = rows[start : start + self.batch_size]
+            batch_rows = batch_rows[batch_rows >= 0]
+            if len(batch_rows) == 0:
+                yield {}
+                continue
             yield {FEATURES_KEY: self.cache.features[batch_rows].float(), "label": self.cache.labels[batch_rows],
                    "index": self.cache.indices[batch_rows]}

@@ -49,9 +49,11 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_f
 def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
                  query_labels: torch.Tensor, *, num_classes: int, k: int = DEFAULT_K,
                  temperature: float = DEFAULT_TEMPERATURE) -> dict[str, float]:
-    """Top-1 and top-5 (%) of the weighted k-NN classifier on the queries (argmax: the lowest of tied classes)."""
+    """Top-1 and top-5 (%) of the weighted k-NN classifier on the queries (argmax: the lowest of tied classes), and
+    the k and temperature used."""
     scores = knn_scores(train_features, train_labels, query_features, num_classes=num_classes, k=k,
                         temperature=temperature)
+    k = min(k, len(train_features))  # as knn_scores used it
     labels = query_labels.to(scores.device, torch.int64)
     top1 = (scores.argmax(dim=1) == labels).float().mean().item()
     top5 = (scores.topk(min(5, num_classes), dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
