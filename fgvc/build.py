@@ -482,17 +482,17 @@ def knn_probe(cfg: Config, backbone: torch.nn.Module, runtime: Runtime, *, split
     of cfg.data: the train split's images are the neighbours, `split`'s the queries; both through the evaluation
     transform."""
     preprocessing = build_preprocessing(cfg)
-    embedded = []
-    for name in ("train", split):
-        dataset = build_dataset(cfg.data, name)
+    splits = [("train", build_dataset(cfg.data, "train")), (split, build_dataset(cfg.data, split))]
+    for name, dataset in splits:
         if len(dataset) == 0:
             raise ConfigError(f"the {name} split of {cfg.data.root or cfg.data.dataset} is empty"
                               f"{' (data.val_fraction=0 carves none)' if name == 'val' else ''}")
-        embedded.append(embed(backbone, build_eval_loader(cfg, dataset, preprocessing, split=name), runtime))
-    (train_features, train_labels), (query_features, query_labels) = embedded
+    (train_features, train_labels), (query_features, query_labels) = (
+        embed(backbone, build_eval_loader(cfg, dataset, preprocessing, split=name), runtime)
+        for name, dataset in splits)
     with config_keys(lambda option: f"--{option}"):
         return knn_accuracy(train_features, train_labels, query_features, query_labels, k=k, temperature=temperature,
-                            num_classes=len(dataset.classes))
+                            num_classes=len(splits[0][1].classes))
 
 
 def transfer_measurement(cfg: Config, *, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE) -> Measurement:

@@ -326,13 +326,14 @@ def test_advise_measures_writes_a_recipe_that_trains(small_birds: Path, tmp_path
     out = tmp_path / "advice.yaml"
     args = ["advise", "--dataset", "synthbirds", "--data-dir", str(small_birds), "--model", "test_resnet",
             "--pretrained-file", str(weights), "--out", str(out), "--similar-gain", "-1000", "data.image_size=32",
-            "data.workers=0", "data.val_fraction=0.3"]
+            "data.workers=0", "data.val_fraction=0.3", "data.synthbirds.difficulty=0.3"]
     assert transfer_cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "measured cell: small + similar -> feature extraction (linear probe)" in printed
     assert re.search(r"k-NN top-1 \d+\.\d% with the pretrained features, \d+\.\d% at random init", printed)
     cfg = load_config(out, [f"output_dir={tmp_path}", "data.workers=0", "schedule.epochs=1", "data.batch_size=8"])
     assert (cfg.transfer.mode, cfg.model.pretrained_file, cfg.data.image_size) == ("linear_probe", str(weights), 32)
+    assert (cfg.data.val_fraction, cfg.data.synthbirds.difficulty) == (0.3, 0.3)  # every key=value measured
     assert trainer.train(cfg).completed
     assert transfer_cli.main(args) == 2 and "exists" in capsys.readouterr().err  # never overwritten silently
     # The recommendation laid over what was measured must train: a linear probe cannot cache under mixup.

@@ -93,9 +93,12 @@ def recipe(measurement: Measurement, base: dict[str, Any], thresholds: Threshold
     chosen = cell(measurement, thresholds)
     settings = {**base, **RECOMMENDATIONS[chosen]}
     nested: dict[str, Any] = {"base": base_recipe} if base_recipe is not None else {}
-    for key, value in settings.items():
-        section, name = key.split(".", 1)
-        nested.setdefault(section, {})[name] = value
+    for key, value in settings.items():  # dotted keys, at any depth (data.synthbirds.seed), later ones winning
+        *sections, name = key.split(".")
+        place = nested
+        for section in sections:
+            place = place.setdefault(section, {})
+        place[name] = value
     header = [f"# Written by python -m fgvc.transfer advise: {chosen[0]} + {chosen[1]} -> {STRATEGY_NAMES[chosen]}.",
               f"# {measurement.images_per_class:.1f} training images per class (small below "
               f"{thresholds.small_below:g});",
