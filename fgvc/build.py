@@ -29,10 +29,11 @@ import torch
 
 from fgvc.config import FLAGS, Config, ConfigError, DataConfig, ModelConfig, OptimConfig, WSDANConfig, from_dict
 from fgvc.data import DATASETS, Dataset, data_root
-from fgvc.data.loader import SplitLoader, UnreadableImages, build_loader
+from fgvc.data.loader import Shard, SplitLoader, UnreadableImages, build_loader, derived_seed
 from fgvc.data.splits import check_split
 from fgvc.data.transforms import INTERPOLATIONS, PartAwareTransform, Preprocessing, eval_transform, train_transform
 from fgvc.engine.checkpoint import load_checkpoint
+from fgvc.engine.distributed import Distributed, DistributedStep
 from fgvc.engine.logging import echo
 from fgvc.engine.loop import Optimization, Runtime
 from fgvc.engine.optim import build_optimizer, build_scheduler, layer_decay_scales, parameter_groups
@@ -46,6 +47,7 @@ from fgvc.transfer.advise import Measurement
 from fgvc.transfer.features import (
     CACHE_DTYPES,
     CachedFeatures,
+    FeatureCacheError,
     FeatureLoader,
     check_budget,
     extract_features,
@@ -96,9 +98,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_runtime(cfg: Config, device: str | None = None) -> Runtime:
+def build_runtime(cfg: Config, device: str | None = None, distributed: Distributed | None = None) -> Runtime:
+    """Where and how the model computes; under torchrun on CUDA, each rank on the GPU of its local rank."""
     with config_keys("train"):
-        return Runtime.create(resolve_device(device or cfg.train.device), cfg.train.amp, cfg.train.channels_last)
+        chosen = resolve_device(device or cfg.train.device)
+        if distributed is not None and distributed.active and chosen.type == "cuda":
+            chosen = distributed.device
+        return Runtime.create(chosen, cfg.train.amp, cfg.train.channels_last)
+
+
+def build_distributed(device: str) -> Distributed:
+    """torchrun's process group (gloo on CPU, NCCL on CUDA, as `device` -- train.device -- says), or a world of one
+    without torchrun."""
+    chosen = resolve_device(device)
+    distributed = Distributed.from_environment(chosen.type)
+    if distributed.world_size > 1 and chosen.index is not None:
+        distributed.close()
+        raise ConfigError(f"train.device ({FLAGS['train.device']}): {device} names one GPU, but under torchrun each "
+                          f"of the {distributed.world_size} ranks takes the GPU of its local rank; set it to cuda")
+    return distributed
+
+
+def rank_batch_size(batch_size: int, distributed: Distributed, key: str, *, exact: bool) -> int:
+    """A rank's part of a global batch of `batch_size` (config key `key`): an exact share in training (every rank
+    the same, so gradients average as in one process), rounded up in evaluation (no image is counted twice)."""
+    world = distributed.world_size
+    if exact and batch_size % world:
+        raise ConfigError(f"{key}: {batch_size} images per step (the global batch, over all ranks) do not split "
+                          f"evenly over {world} ranks; choose a multiple of {world}")
+    return -(-batch_size // world)
+
+
+def shard_of(distributed: Distributed | None) -> Shard:
+    """Which part of each global batch this rank loads (fgvc.data.loader.Shard; its batch size set by the
+    loader)."""
+    return Shard() if distributed is None else Shard(distributed.rank, distributed.world_size)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -170,14 +204,19 @@ def with_preprocessing(cfg: Config, preprocessing: Preprocessing) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
-def unreadable_budget(cfg: Config, split: str, dataset: Dataset, *, silent: bool = False) -> UnreadableImages:
+def unreadable_budget(cfg: Config, split: str, dataset: Dataset, *, silent: bool = False,
+                      distributed: Distributed | None = None) -> UnreadableImages:
+    """The split's budget of unreadable images (data.max_bad_fraction). Under torchrun each rank reports and
+    counts the images it meets (its reports prefixed with its rank), so the budget holds on each rank's share."""
+    rank = distributed.rank if distributed is not None else 0
+    say = (lambda _: None) if silent else echo if rank == 0 else (lambda message: echo(f"[rank {rank}] {message}"))
     with config_keys("data"):
-        return UnreadableImages(split, len(dataset), 1.0 if silent else cfg.data.max_bad_fraction,
-                                (lambda _: None) if silent else echo)
+        return UnreadableImages(split, len(dataset), 1.0 if silent else cfg.data.max_bad_fraction, say)
 
 
-def build_train_loader(cfg: Config, dataset: Dataset, preprocessing: Preprocessing,
-                       device: torch.device) -> SplitLoader:
+def build_train_loader(cfg: Config, dataset: Dataset, preprocessing: Preprocessing, device: torch.device,
+                       distributed: Distributed | None = None) -> SplitLoader:
+    """The training loader; under torchrun this rank's part (data.batch_size / world size) of each global batch."""
     data = cfg.data
     with config_keys("data"):
         compose = train_transform(data.image_size, resize_size=data.resize_size, crop=data.crop,
@@ -186,9 +225,11 @@ def build_train_loader(cfg: Config, dataset: Dataset, preprocessing: Preprocessi
     if len(dataset) < data.batch_size:
         raise ConfigError(f"data.batch_size: {data.batch_size} is more than the {len(dataset)} images of the train "
                           "split (the last incomplete batch is dropped, so an epoch would be empty)")
-    return build_loader(dataset, PartAwareTransform(compose, dataset.part_names), batch_size=data.batch_size,
-                        seed=cfg.train.seed, train=True, unreadable=unreadable_budget(cfg, "train", dataset),
-                        workers=data.workers, pin_memory=device.type == "cuda")
+    batch_size = rank_batch_size(data.batch_size, distributed or Distributed(), "data.batch_size", exact=True)
+    return build_loader(dataset, PartAwareTransform(compose, dataset.part_names), batch_size=batch_size,
+                        seed=cfg.train.seed, train=True,
+                        unreadable=unreadable_budget(cfg, "train", dataset, distributed=distributed),
+                        workers=data.workers, pin_memory=device.type == "cuda", shard=shard_of(distributed))
 
 
 def build_eval_transform(data: DataConfig, preprocessing: Preprocessing, part_names: list[str] | None = None, *,
@@ -203,14 +244,19 @@ def eval_batch_size(data: DataConfig) -> int:
 
 
 def build_eval_loader(cfg: Config, dataset: Dataset, preprocessing: Preprocessing, *, split: str,
-                      wide: bool = False, silent: bool = False, batch_size: int | None = None) -> SplitLoader:
+                      wide: bool = False, silent: bool = False, batch_size: int | None = None,
+                      distributed: Distributed | None = None) -> SplitLoader:
     """The evaluation loader of `split` (wide: the resized centre square instead of the crop, for ten-crop TTA;
-    silent: unreadable images were reported by an earlier pass over the same split)."""
+    silent: unreadable images were reported by an earlier pass over the same split); under torchrun this rank's
+    shard of it, every image in exactly one rank's shard."""
     data = cfg.data
+    global_batch = batch_size or eval_batch_size(data)
     return build_loader(dataset, build_eval_transform(data, preprocessing, dataset.part_names, wide=wide),
-                        batch_size=batch_size or eval_batch_size(data), seed=cfg.train.seed,
-                        train=False, unreadable=unreadable_budget(cfg, split, dataset, silent=silent),
-                        workers=data.workers)
+                        batch_size=rank_batch_size(global_batch, distributed or Distributed(), "batch size",
+                                                   exact=False),
+                        seed=cfg.train.seed, train=False,
+                        unreadable=unreadable_budget(cfg, split, dataset, silent=silent, distributed=distributed),
+                        workers=data.workers, shard=shard_of(distributed))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -344,11 +390,17 @@ class Training:
     log_every: int
     checkpoint_every: int
     compile: bool
+    distributed: Distributed = dataclasses.field(default_factory=Distributed)
+    ranks: DistributedStep | None = None  # the training step on every rank (None: the model's own, one process)
 
 
-def build_training(cfg: Config) -> Training:
+def build_training(cfg: Config, distributed: Distributed | None = None) -> Training:
     """Seed, then build every object of a run. Cheap checks come first, so a wrong name fails before any data is
-    generated or read."""
+    generated or read. Under torchrun (`distributed`, fgvc.build.build_distributed) rank 0 prepares the data and
+    weights first (generation, downloads, conversions), each rank loads its part of every global batch, and the
+    model is wrapped in DDP; each rank > 0 then draws its own random numbers (dropout, ...) from a stream of its
+    own, rank 0 those of a single process."""
+    distributed = distributed if distributed is not None else Distributed()
     train = cfg.train
     with config_keys("model"):
         check_backbone_name(cfg.model.backbone)
@@ -356,30 +408,38 @@ def build_training(cfg: Config) -> Training:
     registered(DATASETS, cfg.data.dataset, "data.dataset")
     check_weights(cfg.model)
     check_transfer(cfg)
-    runtime = build_runtime(cfg)
+    runtime = build_runtime(cfg, distributed=distributed)
+    if train.sync_batchnorm and runtime.device.type != "cuda":
+        raise ConfigError("train.sync_batchnorm: SyncBatchNorm needs CUDA devices (it refuses CPU modules); on the "
+                          "CPU each rank normalizes its own part of the batch")
     if train.threads > 0:
         torch.set_num_threads(train.threads)
     torch.use_deterministic_algorithms(train.deterministic)
     seed_everything(train.seed)
     preprocessing = build_preprocessing(cfg)
-    datasets = build_datasets(cfg.data)
+    datasets = distributed.main_first(lambda: build_datasets(cfg.data))
     classes = list(datasets["train"].classes)
-    train_loader = build_train_loader(cfg, datasets["train"], preprocessing, runtime.device)
+    train_loader = build_train_loader(cfg, datasets["train"], preprocessing, runtime.device, distributed)
     steps_per_epoch = -(-train_loader.batches_per_epoch // max(train.grad_accum, 1))
-    model = build_model(cfg.model, len(classes), image_size=cfg.data.image_size).to(runtime.device)
+    model = distributed.main_first(lambda: build_model(cfg.model, len(classes), image_size=cfg.data.image_size))
+    model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    apply_transfer(cfg, model)
+    if train.sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    apply_transfer(cfg, model)  # before DDP, which reduces the gradients of what trains
+    if distributed.rank > 0:
+        seed_everything(derived_seed(train.seed, distributed.rank))
     optimization = build_optimization(cfg, model, steps_per_epoch)
     val = datasets.get("val")
-    val_loader = build_eval_loader(cfg, val, preprocessing, split="val") if val is not None else None
+    eval_loader = functools.partial(build_eval_loader, cfg, preprocessing=preprocessing, distributed=distributed)
     return Training(
         config=with_preprocessing(cfg, preprocessing), runtime=runtime, model=model,
         criterion=build_criterion(cfg), mixer=build_mixer(cfg, len(classes)), optimization=optimization,
-        train_loader=train_loader, val_loader=val_loader,
-        test_loader=build_eval_loader(cfg, datasets["test"], preprocessing, split="test"), classes=classes,
+        train_loader=train_loader, val_loader=eval_loader(val, split="val") if val is not None else None,
+        test_loader=eval_loader(datasets["test"], split="test"), classes=classes,
         epochs=cfg.schedule.epochs, log_every=train.log_every, checkpoint_every=train.checkpoint_every,
-        compile=train.compile)
+        compile=train.compile, distributed=distributed, ranks=DistributedStep.create(model, distributed))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -457,39 +517,53 @@ def use_cached_features(setup: Training, run_dir: Path | None = None) -> Trainin
     for split, loader in loaders.items():  # every split's size is checked before any image is read
         check_budget(len(loader.dataset), shape, dtype, cfg.transfer.cache_max_gib, split)
     preprocessing = build_preprocessing(cfg)
+    distributed = setup.distributed
     cached = {}
     for split, loader in loaders.items():
-        image_loader = build_eval_loader(cfg, loader.dataset, preprocessing, split=split)
+        image_loader = build_eval_loader(cfg, loader.dataset, preprocessing, split=split, distributed=distributed)
         file = (run_dir / FEATURE_CACHE_DIR / f"{split}.safetensors"
                 if run_dir is not None and cfg.transfer.cache_location == "file" else None)
-        if file is not None and file.is_file():
+        if file is not None and distributed.from_main(file.is_file()):
             cache = CachedFeatures.load(file, dtype=dtype, shape=shape)
         else:
-            echo(f"caching the frozen backbone's features of the {len(loader.dataset)} {split} images ...")
-            cache = extract_features(setup.model, image_loader, setup.runtime, dtype=dtype)
-            if file is not None:
+            if distributed.is_main:
+                echo(f"caching the frozen backbone's features of the {len(loader.dataset)} {split} images ...")
+            shard = extract_features(setup.model, image_loader, setup.runtime, shape=shape, dtype=dtype)
+            cache = CachedFeatures.joined(distributed.gather(shard))  # every rank's shard, by dataset index
+            if len(cache) == 0:
+                raise FeatureCacheError(f"no readable {split} image to cache the features of")
+            if file is not None and distributed.is_main:
                 cache.save(file)
         train = split == "train"
+        batch_size = cfg.data.batch_size if train else eval_batch_size(cfg.data)
         cached[split] = FeatureLoader(cache, dataset=loader.dataset, unreadable=image_loader.unreadable,
-                                      batch_size=cfg.data.batch_size if train else eval_batch_size(cfg.data),
-                                      seed=cfg.train.seed, train=train)
+                                      batch_size=rank_batch_size(batch_size, distributed, "data.batch_size",
+                                                                 exact=train),
+                                      seed=cfg.train.seed, train=train, shard=shard_of(distributed))
     return dataclasses.replace(setup, train_loader=cached["train"], val_loader=cached.get("val"))
 
 
 def knn_probe(cfg: Config, backbone: torch.nn.Module, runtime: Runtime, *, split: str = "val", k: int = DEFAULT_K,
-              temperature: float = DEFAULT_TEMPERATURE) -> dict[str, float]:
+              temperature: float = DEFAULT_TEMPERATURE, distributed: Distributed | None = None) -> dict[str, float]:
     """The weighted k-NN accuracy (fgvc.transfer.knn) of `backbone`'s frozen, average-pooled features on the data
     of cfg.data: the train split's images are the neighbours, `split`'s the queries; both through the evaluation
-    transform."""
+    transform. Under torchrun each rank embeds its shard and every rank scores the whole split."""
+    distributed = distributed if distributed is not None else Distributed()
     preprocessing = build_preprocessing(cfg)
-    splits = [("train", build_dataset(cfg.data, "train")), (split, build_dataset(cfg.data, split))]
+    splits = distributed.main_first(lambda: [(name, build_dataset(cfg.data, name)) for name in ("train", split)])
+    embedded = []
     for name, dataset in splits:
         if len(dataset) == 0:
             raise ConfigError(f"the {name} split of {cfg.data.root or cfg.data.dataset} is empty"
                               f"{' (data.val_fraction=0 carves none)' if name == 'val' else ''}")
-    (train_features, train_labels), (query_features, query_labels) = (
-        embed(backbone, build_eval_loader(cfg, dataset, preprocessing, split=name), runtime)
-        for name, dataset in splits)
+        loader = build_eval_loader(cfg, dataset, preprocessing, split=name, distributed=distributed)
+        shards = [shard for shard in distributed.gather(embed(backbone, loader, runtime)) if len(shard[1])]
+        if not shards:
+            raise ConfigError(f"the {name} split of {cfg.data.root or cfg.data.dataset} has no readable image")
+        features, labels, indices = (torch.cat(parts) for parts in zip(*shards, strict=True))
+        order = indices.argsort()  # dataset order, whatever the ranks: ties are broken by position
+        embedded.append((features[order], labels[order]))
+    (train_features, train_labels), (query_features, query_labels) = embedded
     with config_keys(lambda option: f"--{option}"):
         return knn_accuracy(train_features, train_labels, query_features, query_labels, k=k, temperature=temperature,
                             num_classes=len(splits[0][1].classes))
@@ -556,14 +630,15 @@ class LoadedModel:
         return [(self.classes[i], float(p)) for p, i in zip(top.values, top.indices.tolist(), strict=True)]
 
 
-def load_model(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: str | None = None) -> LoadedModel:
+def load_model(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: str | None = None,
+               distributed: Distributed | None = None) -> LoadedModel:
     """A run's checkpoint (best.pt or last.pt) rebuilt as it was trained, in eval mode. `data_root` replaces the
-    run's data.root (the data moved)."""
+    run's data.root (the data moved). Under torchrun (`distributed`), on the rank's own GPU."""
     state = load_checkpoint(checkpoint)
     cfg = from_dict(state["config"], f"the config stored in {checkpoint}")
     if data_root is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=data_root))
-    runtime = build_runtime(cfg, device)
+    runtime = build_runtime(cfg, device, distributed)
     # The weights come from the checkpoint: no hub download, and no pretrained_file that may have moved since.
     architecture = without_weights(cfg.model)
     model = build_model(architecture, len(state["classes"]), image_size=cfg.data.image_size).to(runtime.device)

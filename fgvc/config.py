@@ -167,6 +167,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also write `last` every N optimizer steps (0: at epoch ends only)
     log_every: int = 20  # progress line every N optimizer steps
     threads: int = 0  # torch CPU threads (0: torch's default)
+    sync_batchnorm: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
 
 
 @dataclass
@@ -371,7 +372,7 @@ def range_problem(cfg: Config) -> str | None:
 # checkpoint rebuilt at a new default would load its weights without complaint and predict wrongly.
 KEYS_ADDED_LATER = {"model.output_stride": None, "data.mean": [0.485, 0.456, 0.406],
                     "data.std": [0.229, 0.224, 0.225], "data.interpolation": "bilinear", "optim.layer_decay": None,
-                    "model.pretrained_package": None}
+                    "model.pretrained_package": None, "train.sync_batchnorm": False}
 # Sections added later: a run saved before one existed trained as its defaults say (transfer: everything trains).
 SECTIONS_ADDED_LATER = ("transfer",)
 

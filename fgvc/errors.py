@@ -8,6 +8,7 @@ FGVCError whose message names what is wrong and where. The CLIs wrap their `main
 from __future__ import annotations
 
 import functools
+import pickle
 import re
 import sys
 from collections.abc import Callable
@@ -64,3 +65,12 @@ def command(main: Main) -> Main:
         return 2
 
     return run  # type: ignore[return-value]
+
+
+def load_failure(error: BaseException) -> str:
+    """Why a weights file could not be read, in one line. torch's refusal to unpickle anything but tensors is said
+    as such: its own text suggests weights_only=False, which would run whatever code the file carries."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return "it holds objects other than tensors, which fgvc never unpickles (that could run code)"
+    return text.splitlines()[0][:300] if text.strip() else type(error).__name__

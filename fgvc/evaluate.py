@@ -3,6 +3,7 @@ has one, as WS-DAN does) and, on request, test-time augmentation as separate row
 PNG) and the most confused class pairs; where the data has boxes or parts, where the model looks.
 
     python -m fgvc.evaluate --checkpoint runs/<run>/best.pt [--split test] [--tta flip multiscale tencrop]
+    torchrun --nproc-per-node 4 -m fgvc.evaluate ...       # each rank a shard, every image counted once
 
 Weighted k-NN of frozen backbone features (DINO's protocol: fgvc.transfer.knn), of a checkpoint's backbone or of
 a backbone's pretrained weights, the train split's images as neighbours:
@@ -22,9 +23,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fgvc.build import build_backbone, build_runtime, knn_probe, load_model
+from fgvc.build import build_backbone, build_distributed, build_runtime, knn_probe, load_model
 from fgvc.config import load_config
 from fgvc.data.splits import SPLITS
+from fgvc.engine.distributed import Distributed
 from fgvc.engine.inference import SINGLE_CROP, TTA_KINDS, EvaluationReport, evaluate_checkpoint, write_confusion_csv
 from fgvc.engine.localization import localization_line
 from fgvc.engine.logging import dumps
@@ -82,13 +84,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also write every image's single-crop class probabilities (JSON lines)")
     args = parser.parse_intermixed_args(argv)
     refuse_unused(args, parser)
-    if args.knn:
-        return knn_main(args)
-    if args.checkpoint is None:
+    if not args.knn and args.checkpoint is None:
         raise OptionError("checkpoint", "--checkpoint is required (a backbone alone is evaluated with --knn)")
+    distributed = build_distributed(args.device)  # under torchrun: each rank evaluates its shard, rank 0 writes
+    try:
+        with distributed.explaining_lost_ranks():
+            return knn_main(args, distributed) if args.knn else checkpoint_main(args, distributed)
+    finally:
+        distributed.close()
+
+
+def checkpoint_main(args: argparse.Namespace, distributed: Distributed) -> int:
     report = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_dir, device=args.device,
                                  batch_size=args.batch_size, tta=args.tta, average=args.average, scales=args.scales,
-                                 keep_probabilities=args.save_probabilities)
+                                 keep_probabilities=args.save_probabilities, distributed=distributed)
+    if not distributed.is_main:
+        return 0
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_name(f"{checkpoint.stem}-{args.split}.json")
     stem = output.with_suffix("")
@@ -119,26 +130,30 @@ def refuse_unused(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                                  f"{'with' if args.knn else 'without'} --knn")
 
 
-def knn_main(args: argparse.Namespace) -> int:
+def knn_main(args: argparse.Namespace, distributed: Distributed) -> int:
     """--knn: the checkpoint's backbone on its run's data, or a backbone's weights on the data the flags name."""
     if args.checkpoint is not None:
         if args.model or args.pretrained_file or args.dataset or args.overrides:
             raise OptionError("checkpoint", "--knn --checkpoint evaluates the run's own backbone on its data; "
                                             "--model, --pretrained-file, --dataset and key=value do not apply")
-        loaded = load_model(args.checkpoint, device=args.device, data_root=args.data_dir)
+        loaded = load_model(args.checkpoint, device=args.device, data_root=args.data_dir, distributed=distributed)
         cfg, backbone, runtime, source = loaded.config, loaded.model.backbone, loaded.runtime, args.checkpoint
     else:
         overrides = [*args.overrides, *([f"model.pretrained_file={args.pretrained_file}"] if args.pretrained_file
                                         else [])]
         cfg = load_config(None, overrides, {"model": args.model, "dataset": args.dataset, "data_dir": args.data_dir,
                                             "device": args.device})
-        runtime = build_runtime(cfg)
-        backbone = build_backbone(cfg.model, image_size=cfg.data.image_size).to(runtime.device)
+        runtime = build_runtime(cfg, distributed=distributed)
+        backbone = distributed.main_first(lambda: build_backbone(cfg.model, image_size=cfg.data.image_size))
+        backbone = backbone.to(runtime.device)
         weights = (cfg.model.pretrained_file or cfg.model.pretrained_package
                    or ("hub weights" if cfg.model.pretrained else "random init"))
         source = f"{cfg.model.backbone} ({weights})"
     result = knn_probe(cfg, backbone, runtime, split=args.split, k=DEFAULT_K if args.k is None else args.k,
-                       temperature=DEFAULT_TEMPERATURE if args.temperature is None else args.temperature)
+                       temperature=DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
+                       distributed=distributed)
+    if not distributed.is_main:
+        return 0
     print(f"weighted k-NN (k={result['k']}, T={result['temperature']:g}) of {source}, {args.split} split on the "
           f"train split's neighbours: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%")
     if args.output:

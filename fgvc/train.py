@@ -5,6 +5,7 @@
     python -m fgvc.train --config configs/synthbirds/linear_test_resnet_long.yaml optim.lr=0.01
     python -m fgvc.train --print-config model.head=wsdan   # the resolved config, without training
     python -m fgvc.train --resume runs/<run>                # continue an interrupted run exactly
+    torchrun --nproc-per-node 4 -m fgvc.train ...          # one process a device (docs/distributed.md)
 
 Without --config, the recipe is the quick start's (configs/synthbirds/quickstart.yaml), or with --dataset the
 dataset's own recipe where it has one; key=value overrides apply on top. From Python, `fgvc.train(config)` trains a
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from fgvc.build import build_preprocessing, with_preprocessing
 from fgvc.config import FLAG_KEYS, Config, ConfigError, default_recipe, load_config, load_run_config, to_yaml
+from fgvc.engine.distributed import is_main_process
 from fgvc.engine.localization import localization_line
 from fgvc.engine.trainer import BEST, CONFIG_FILE, RunResult, train
 from fgvc.errors import command
@@ -87,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(to_yaml(with_preprocessing(cfg, build_preprocessing(cfg))), end="")
         return 0
     result = train(cfg, resume_dir=args.resume)
-    if result.completed:
+    if result.completed and is_main_process():  # under torchrun, rank 0 reports for all
         print(format_results(result))
     return 0
 

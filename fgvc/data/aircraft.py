@@ -67,13 +67,9 @@ def load_aircraft(root: str | os.PathLike, split: str, *, level: str = "variant"
 
 
 def _class_names(path: Path) -> list[str]:
-    if not path.is_file():
-        raise AnnotationError(f"{path}: file not found")
     names = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        name = line.strip()
-        if not name:
-            continue
+    for n, line, (name,) in read_records(path, 1, rest_in_last=True):  # names have spaces ("Boeing 707-320")
+        name = name.strip()
         if name in names:
             raise annotation_error(path, n, line, f"class {name!r} is listed twice")
         names.append(name)

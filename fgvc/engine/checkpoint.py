@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fgvc.errors import FGVCError
+from fgvc.errors import FGVCError, load_failure
 from fgvc.files import write_atomically
 
 FORMAT = "fgvc-checkpoint-1"
@@ -44,7 +44,7 @@ def load_weights_only(path: Path, error: type[Exception], *, missing: str, damag
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as reason:  # torch raises many types for a damaged zip or pickle
-        raise error(f"{damaged}: {reason}") from reason
+        raise error(f"{damaged}: {load_failure(reason)}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -54,7 +54,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                                 damaged=f"checkpoint {path} is damaged or not a checkpoint")
     if not isinstance(wrapped, dict) or wrapped.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an fgvc checkpoint (format {FORMAT})")
-    payload = wrapped["payload"].numpy().tobytes()
-    if hashlib.sha256(payload).hexdigest() != wrapped["sha256"]:
+    stored, payload = wrapped.get("sha256"), wrapped.get("payload")
+    if not isinstance(stored, str) or not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
+        raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 or its payload is missing")
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != stored:
         raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 does not match the stored one")
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as reason:  # a payload made elsewhere with a matching SHA-256
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {load_failure(reason)}") from None

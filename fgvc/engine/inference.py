@@ -17,6 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from fgvc.build import LoadedModel, build_eval_loader, dataset_for, load_model
 from fgvc.data.images import ImageReadError, read_rgb
+from fgvc.engine.distributed import Distributed
 from fgvc.engine.localization import meter_for
 from fgvc.engine.logging import echo
 from fgvc.engine.loop import evaluate
@@ -51,32 +52,33 @@ class EvaluationReport:
 def evaluate_checkpoint(path: str | os.PathLike, *, split: str = "test", data_root: str | None = None,
                         device: str = "auto", batch_size: int | None = None, tta: Sequence[str] = (),
                         average: str = "probs", scales: Sequence[float] = DEFAULT_SCALES,
-                        keep_probabilities: bool = False) -> EvaluationReport:
+                        keep_probabilities: bool = False, distributed: Distributed | None = None) -> EvaluationReport:
     """A checkpoint (best.pt or last.pt) on a split, with the run's own data settings: the single-crop metrics
-    (exactly what training's final evaluation computes), then one row per TTA kind in `tta`."""
+    (exactly what training's final evaluation computes), then one row per TTA kind in `tta`. Under torchrun
+    (`distributed`) each rank evaluates its shard and every rank gets the whole report."""
     unknown = [kind for kind in tta if kind not in TTA_KINDS]
     if unknown:
         raise OptionError("tta", f"{', '.join(unknown)} unknown; choose from {', '.join(TTA_KINDS)}")
-    loaded = load_model(path, device=device, data_root=data_root)
+    loaded = load_model(path, device=device, data_root=data_root, distributed=distributed)
     if "multiscale" in tta:
         check_scales(loaded, scales)
-    dataset = dataset_for(loaded, split)
+    dataset = (distributed or Distributed()).main_first(lambda: dataset_for(loaded, split))
     cfg, classes = loaded.config, len(dataset.classes)
 
     def loader(wide: bool = False, silent: bool = False):
         # TTA passes are silent: the single-crop pass has reported the unreadable images and applied
         # data.max_bad_fraction already.
         return build_eval_loader(cfg, dataset, loaded.preprocessing, split=split, wide=wide, silent=silent,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, distributed=distributed)
 
     meter = ClassificationMeter(classes, keep_scores=keep_probabilities)
     rows = {SINGLE_CROP: evaluate(loaded.model, loader(), loaded.runtime, num_classes=classes,
-                                  localization=meter_for(dataset), meter=meter)}
+                                  localization=meter_for(dataset), meter=meter, distributed=distributed)}
     views = {"flip": flip_views, "multiscale": multiscale_views(scales), "tencrop": ten_crop_views(loaded.image_size)}
     names = {"flip": "flip", "multiscale": "multi-scale " + "/".join(f"{s:g}" for s in scales), "tencrop": "ten-crop"}
     for kind in tta:
         rows[names[kind]] = evaluate(loaded.model, loader(wide=kind == "tencrop", silent=True), loaded.runtime,
-                                     num_classes=classes, views=views[kind], average=average)
+                                     num_classes=classes, views=views[kind], average=average, distributed=distributed)
     report = EvaluationReport(str(path), split, len(dataset), rows, meter.confusion, dataset.classes, average)
     if keep_probabilities:
         for index, scores in meter.scores.items():

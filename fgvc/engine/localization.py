@@ -64,6 +64,11 @@ class LocalizationMeter:
                 self.on_part += int(len(visible) > 0 and bool(((visible - peak).norm(dim=1) <= radius).any()))
                 self.parted += 1
 
+    def combine(self, meters: list[LocalizationMeter]) -> None:
+        """Become the sum of `meters` (every rank's, this one among them)."""
+        for name in ("in_box", "on_part", "boxed", "parted"):
+            setattr(self, name, sum(getattr(meter, name) for meter in meters))
+
     def compute(self) -> dict[str, float]:
         metrics = {}
         if self.boxed:

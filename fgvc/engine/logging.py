@@ -29,11 +29,15 @@ def dumps(value: Any, **options: Any) -> str:
 
 
 class MetricsLog:
-    """Appends one JSON object per event to metrics.jsonl; mirrors scalars to TensorBoard if available."""
+    """Appends one JSON object per event to metrics.jsonl; mirrors scalars to TensorBoard if available. Disabled
+    (ranks other than 0 under torchrun), it writes nothing."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *, enabled: bool = True) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
         self.tensorboard = None
+        if not enabled:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
 
@@ -42,6 +46,8 @@ class MetricsLog:
             pass
 
     def write(self, kind: str, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
         with open(self.path, "a", encoding="utf-8") as file:
             file.write(dumps(record) + "\n")
@@ -66,20 +72,25 @@ def echo(message: str, stream: TextIO | None = None) -> None:
 
 class TrainingProgress:
     """Progress through one epoch: a tqdm bar (steps, ETA, and loss, accuracy, img/s and lr every `every` steps)
-    when stderr is a terminal, else today's progress_line every `every` steps."""
+    when stderr is a terminal, else a progress_line every `every` steps; nothing when not `enabled` (ranks other
+    than 0)."""
 
     def __init__(self, epochs: int, batches_per_epoch: int, steps_per_epoch: int, every: int,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, *, enabled: bool = True) -> None:
         self.epochs, self.batches, self.steps, self.every = epochs, batches_per_epoch, steps_per_epoch, every
-        self.stream = stream
+        self.stream, self.enabled = stream, enabled
         self.bar = None
 
     def start_epoch(self, epoch: int, steps_done: int) -> None:
+        if not self.enabled:
+            return
         self.bar = progress_bar(self.steps, f"epoch {epoch + 1}/{self.epochs}", unit="step", stream=self.stream,
                                 initial=steps_done)
 
     def step(self, epoch: int, batch: int, stats: dict[str, float] | None) -> None:
         """After an optimizer step; `stats` (the running statistics) on logging steps only."""
+        if not self.enabled:
+            return
         if self.bar is not None:
             self.bar.update()
             if stats is not None:

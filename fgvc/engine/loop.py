@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fgvc.engine.distributed import Distributed, DistributedStep
 from fgvc.engine.localization import LocalizationMeter, localization_maps
 from fgvc.engine.metrics import ClassificationMeter
 from fgvc.engine.tta import View, average_views
@@ -96,16 +97,22 @@ class Optimization:
 class NonFiniteLoss(FGVCError, FloatingPointError):
     """A training loss that is NaN or infinite: training stops there instead of carrying NaN weights onward."""
 
-    def __init__(self, step: int, epoch: int, batch: int, losses: dict[str, torch.Tensor]) -> None:
-        terms = ", ".join(f"{name} {float(value):.4g}" for name, value in losses.items())
+    def __init__(self, step: int, epoch: int, batch: int, losses: dict[str, torch.Tensor] | None) -> None:
+        terms = ("on another rank" if losses is None
+                 else ", ".join(f"{name} {float(value):.4g}" for name, value in losses.items()))
         super().__init__(f"the training loss is not finite at step {step} (epoch {epoch + 1}, batch {batch + 1}): "
                          f"{terms}")
 
 
-def check_finite(group: list[tuple[int, dict[str, torch.Tensor]]], state: TrainState) -> None:
-    """Raise NonFiniteLoss for the first batch of an optimizer step's group whose loss is NaN or infinite. One
-    device sync per step, before the step is taken."""
-    if group and not torch.stack([torch.isfinite(losses["loss"]) for _, losses in group]).all():
+def check_finite(group: list[tuple[int, dict[str, torch.Tensor]]], state: TrainState,
+                 distributed: Distributed | None = None) -> None:
+    """Raise NonFiniteLoss for the first batch of an optimizer step's group whose loss is NaN or infinite, on every
+    rank when it happens on any. One device sync (and one tiny reduction under torchrun) per step, before the step
+    is taken."""
+    finite = not group or bool(torch.stack([torch.isfinite(losses["loss"]) for _, losses in group]).all())
+    if distributed is not None and distributed.any(not finite) and finite:
+        raise NonFiniteLoss(state.step + 1, state.epoch, state.batch - 1, None)
+    if not finite:
         batch, losses = next(entry for entry in group if not torch.isfinite(entry[1]["loss"]))
         raise NonFiniteLoss(state.step + 1, state.epoch, batch, losses)
 
@@ -115,7 +122,8 @@ AfterStep = Callable[[TrainState, Callable[[], dict[str, float]]], bool]
 
 def train_one_epoch(model: FGVCModel, criterion: nn.Module, optimization: Optimization, loader: Iterable[dict],
                     runtime: Runtime, state: TrainState, *, mixer: Mixer | None = None,
-                    after_step: AfterStep | None = None) -> dict[str, float] | None:
+                    after_step: AfterStep | None = None,
+                    ranks: DistributedStep | None = None) -> dict[str, float] | None:
     """Train from batch `state.batch` of `state.epoch` to the end of the epoch (`loader` yields what is left).
 
     `after_step(state, stats)` runs after every optimizer step; `stats()` gives the running loss, accuracy,
@@ -125,7 +133,12 @@ def train_one_epoch(model: FGVCModel, criterion: nn.Module, optimization: Optimi
     batch with no readable image ({}) still counts as a batch, so the schedule is unchanged. `mixer`
     (fgvc.mixing) mixes each batch before the step, with draws that depend on the batch's position. A non-finite
     loss raises NonFiniteLoss before the optimizer step, so no step is taken from it.
+
+    `ranks` (fgvc.engine.distributed) runs the step on every rank under torchrun: each rank trains its part of
+    each global batch, gradients averaged over ranks (reduced once per step); statistics are summed over ranks, so
+    `stats()` is a collective there: `after_step` calls it on every rank or on none.
     """
+    ranks = ranks if ranks is not None else DistributedStep(model)
     model.train()
     batches_in_epoch = state.batch + len(loader)
     grad_accum = optimization.grad_accum
@@ -135,32 +148,52 @@ def train_one_epoch(model: FGVCModel, criterion: nn.Module, optimization: Optimi
     for batch in loader:
         group_start = state.batch - state.batch % grad_accum
         group_size = min(grad_accum, batches_in_epoch - group_start)
-        if batch:  # {}: every image of the batch was unreadable
-            batch = runtime.batch(batch)
-            if mixer is not None:
-                batch = mixer(batch, model, epoch=state.epoch, index=state.batch)
-            with runtime.autocast():
-                outputs, losses = model.training_step(batch, criterion)
-            optimization.backward(losses["loss"] / group_size)
-            group.append((state.batch, {name: value.detach() for name, value in losses.items()}))
-            with torch.no_grad():
-                n = batch["label"].shape[0]
-                correct = (outputs["logits"].argmax(dim=1) == batch["label"]).sum()
-                totals += torch.stack([losses["loss"].detach().float() * n, correct.float(), totals.new_tensor(n)])
+        reduce = state.batch + 1 - group_start == group_size  # the group's last batch: its backward reduces
+        ranks.check(batch)
+        if batch or ranks.joins_reduction(batch, reduce):
+            with ranks.accumulating(reduce):
+                losses = _train_batch(model, criterion, optimization, runtime, state, batch, mixer, ranks,
+                                      group_size, totals)
+            if batch:
+                group.append((state.batch, losses))
         state.batch += 1
-        if state.batch - group_start < group_size:
+        if not reduce:
             continue
-        check_finite(group, state)
+        check_finite(group, state, ranks.distributed)
         group.clear()
+        ranks.before_optimizer_step()
         optimization.step()
         state.step += 1
-        if after_step is not None and after_step(state, functools.partial(_stats, totals, start, optimization)):
+        running = functools.partial(_stats, totals, start, optimization, ranks.distributed)
+        if after_step is not None and after_step(state, running):
             return None
-    return _stats(totals, start, optimization)
+    return _stats(totals, start, optimization, ranks.distributed)
 
 
-def _stats(totals: torch.Tensor, start: float, optimization: Optimization) -> dict[str, float]:
-    loss_sum, correct, images = totals.tolist()
+def _train_batch(model: FGVCModel, criterion: nn.Module, optimization: Optimization, runtime: Runtime,
+                 state: TrainState, batch: dict, mixer: Mixer | None, ranks: DistributedStep, group_size: int,
+                 totals: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward and backward of one (micro-)batch, its loss divided by the batches of its step; its statistics
+    added to `totals`. Returns its detached losses."""
+    if batch:
+        batch = runtime.batch(batch)
+        if mixer is not None:
+            batch = mixer(batch, model, epoch=state.epoch, index=ranks.micro_batch(state.batch))
+    with runtime.autocast():
+        outputs, losses = ranks.training_step(batch, criterion)
+    optimization.backward(losses["loss"] / group_size)
+    if batch:
+        with torch.no_grad():
+            n = batch["label"].shape[0]
+            correct = (outputs["logits"].argmax(dim=1) == batch["label"]).sum()
+            totals += torch.stack([losses["loss"].detach().float() * n, correct.float(), totals.new_tensor(n)])
+    return {name: value.detach() for name, value in losses.items()}
+
+
+def _stats(totals: torch.Tensor, start: float, optimization: Optimization,
+           distributed: Distributed | None = None) -> dict[str, float]:
+    """The running statistics over every rank's images so far."""
+    loss_sum, correct, images = (distributed.sum(totals) if distributed is not None else totals).tolist()
     images = max(images, 1.0)
     return {"loss": loss_sum / images, "top1": 100.0 * correct / images,
             "images_per_s": images / (time.perf_counter() - start), "lr": optimization.lr}
@@ -169,13 +202,15 @@ def _stats(totals: torch.Tensor, start: float, optimization: Optimization) -> di
 @torch.no_grad()
 def evaluate(model: FGVCModel, loader: Iterable[dict], runtime: Runtime, *, num_classes: int,
              localization: LocalizationMeter | None = None, views: View | None = None, average: str = "probs",
-             meter: ClassificationMeter | None = None) -> dict[str, float]:
+             meter: ClassificationMeter | None = None, distributed: Distributed | None = None) -> dict[str, float]:
     """Top-1, top-5 and per-class accuracy over the whole loader (with the head's test-time passes, if any), and
     the localization metrics when a meter is given.
 
     views: test-time augmentation (fgvc.engine.tta): the model's logits on each view of a batch are averaged as
     `average` says; None is the single crop. `meter` (optional) keeps the predictions, e.g. for the confusion
-    matrix. Images a SplitLoader left out as unreadable are counted in the result ("excluded_images")."""
+    matrix. Images a SplitLoader left out as unreadable are counted in the result ("excluded_images"). Under
+    torchrun (`distributed`) each rank evaluates its shard of the split and the counts are summed over ranks, so
+    every image counts exactly once and every rank gets the same metrics (and, in `meter`, every prediction)."""
     model.eval()
     meter = meter if meter is not None else ClassificationMeter(num_classes)
     for batch in loader:
@@ -191,8 +226,17 @@ def evaluate(model: FGVCModel, loader: Iterable[dict], runtime: Runtime, *, num_
             else:
                 scores = average_views([model(view)["logits"] for view in views(batch["image"])], average)
         meter.update(scores, batch["label"], batch["index"])
-    metrics = meter.compute() | (localization.compute() if localization is not None else {})
     unreadable = getattr(loader, "unreadable", None)  # a SplitLoader's, or that of the images a cache was made of
-    if unreadable is not None:
-        metrics["excluded_images"] = len(unreadable.reasons)
+    excluded = dict(unreadable.reasons) if unreadable is not None else None
+    if distributed is not None and distributed.active:
+        ranks = distributed.gather((meter, localization, excluded))
+        meter.combine([rank_meter for rank_meter, _, _ in ranks])
+        if localization is not None:
+            localization.combine([rank_localization for _, rank_localization, _ in ranks])
+        if excluded is not None:
+            excluded = {path: reason for _, _, rank_excluded in ranks for path, reason in rank_excluded.items()}
+            unreadable.check_total(len(excluded))  # data.max_bad_fraction holds for the split, not per shard
+    metrics = meter.compute() | (localization.compute() if localization is not None else {})
+    if excluded is not None:
+        metrics["excluded_images"] = len(excluded)
     return metrics

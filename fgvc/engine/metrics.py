@@ -33,6 +33,15 @@ class ClassificationMeter:
         cells = labels * self.num_classes + ranked[:, 0]
         self.confusion += torch.bincount(cells, minlength=self.num_classes**2).view(self.num_classes, -1)
 
+    def combine(self, meters: list[ClassificationMeter]) -> None:
+        """Become the sum of `meters` (every rank's, this one among them): integer counts, so the result is exactly
+        that of one meter that saw every batch."""
+        scores = {index: value for meter in meters for index, value in meter.scores.items()}
+        self.correct = {k: sum(meter.correct[k] for meter in meters) for k in self.topk}
+        self.count = sum(meter.count for meter in meters)
+        self.confusion = torch.stack([meter.confusion for meter in meters]).sum(dim=0)
+        self.scores = dict(sorted(scores.items()))
+
     def compute(self) -> dict[str, float]:
         if self.count == 0:
             raise ValueError("no predictions were recorded")

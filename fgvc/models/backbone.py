@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
-from fgvc.errors import FGVCError, OptionError
+from fgvc.errors import FGVCError, OptionError, load_failure
 
 
 class BackboneError(FGVCError, ValueError):
@@ -226,18 +227,52 @@ def _whole_model_group_matcher(name: str, backbone_args: dict[str, Any]) -> Call
 
 
 def _create(name: str, kwargs: dict[str, Any], backbone_args: dict[str, Any]) -> nn.Module:
-    """timm.create_model, with the hub's failures and refused backbone_args as FGVCErrors."""
+    """timm.create_model, with the hub's failures, a pretrained_file that cannot be loaded and refused
+    backbone_args as FGVCErrors."""
+    file = kwargs.get("pretrained_cfg_overlay", {}).get("file")
     try:
-        return timm.create_model(name, **kwargs)
-    except OSError as error:  # huggingface_hub or urllib could not reach the hub, or it has no such file
-        detail = str(error).splitlines()[0] if str(error) else "no details"
-        raise OptionError("pretrained", f"cannot fetch the weights of {name} from the hub ({type(error).__name__}: "
-                                        f"{detail}); offline, point `pretrained_file` at a local copy") from None
+        with _recorded_loads() as loads:
+            model = timm.create_model(name, **kwargs)
     except (TypeError, AssertionError) as error:
         if "output_stride" in kwargs or not backbone_args:
             raise
         raise OptionError("backbone_args", f"{backbone_args} not taken by {name} "
                                            f"({error or 'refused by an assertion'})") from None
+    except Exception as error:  # torch, safetensors and timm raise many types for a file they cannot read
+        if file is not None:
+            raise OptionError("pretrained_file", f"{file} cannot be loaded into {name}: "
+                                                 f"{load_failure(error)}") from None
+        if not isinstance(error, OSError):
+            raise
+        # huggingface_hub or urllib could not reach the hub, or it has no such file
+        detail = str(error).splitlines()[0] if str(error) else "no details"
+        raise OptionError("pretrained", f"cannot fetch the weights of {name} from the hub ({type(error).__name__}: "
+                                        f"{detail}); offline, point `pretrained_file` at a local copy") from None
+    if file is not None and loads and loads[-1].missing_keys:
+        missing = loads[-1].missing_keys
+        raise OptionError("pretrained_file", f"{file} lacks {len(missing)} of the weights of {name} "
+                                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): it "
+                                             "is not a file of this architecture's weights")
+    return model
+
+
+@contextlib.contextmanager
+def _recorded_loads() -> Iterator[list]:
+    """The results of every load_state_dict while timm creates a model. With num_classes=0 timm loads a pretrained
+    file non-strictly (the classifier is gone), so a file that lacks the backbone's own weights would be taken
+    silently; its missing keys tell."""
+    results, original = [], nn.Module.load_state_dict
+
+    def recording(module: nn.Module, *args: Any, **kwargs: Any):
+        result = original(module, *args, **kwargs)
+        results.append(result)
+        return result
+
+    nn.Module.load_state_dict = recording
+    try:
+        yield results
+    finally:
+        nn.Module.load_state_dict = original
 
 
 def check_backbone_name(name: str) -> None:

@@ -10,7 +10,7 @@ of its mean attention map. The defaults of the constants are those of the author
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,7 @@ class WSDANHead(Head):
         self.fc = nn.Linear(maps * in_features, num_classes, bias=False)
         # Class centers of the part features: state, not parameters; saved in checkpoints with the weights.
         self.register_buffer("centers", torch.zeros(num_classes, maps * in_features))
+        self.pending_centers: torch.Tensor | None = None  # set by defer_updates
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         maps = self.attention(features)
@@ -101,8 +102,21 @@ class WSDANHead(Head):
         centers = F.normalize(self.centers[labels], dim=-1)
         loss = (parts - centers).pow(2).sum() / len(parts)
         with torch.no_grad():
-            self.centers.index_add_(0, labels, self.center_momentum * (parts.detach() - centers))
+            update = self.center_momentum * (parts.detach() - centers)
+            if self.pending_centers is None:  # one process: the centers move at once
+                self.centers.index_add_(0, labels, update)
+            else:  # under torchrun: every rank's updates, summed, at the optimizer step (apply_updates)
+                self.pending_centers.index_add_(0, labels, update)
         return loss
+
+    def defer_updates(self) -> None:
+        """Collect the center updates until apply_updates, so that the centers learn from every rank's batches
+        (DDP would otherwise keep rank 0's, broadcasting buffers at each forward)."""
+        self.pending_centers = torch.zeros_like(self.centers)
+
+    def apply_updates(self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.centers += sum_over_ranks(self.pending_centers)
+        self.pending_centers.zero_()
 
 
 def choose_maps(maps: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

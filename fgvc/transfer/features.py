@@ -9,6 +9,7 @@ an uncached one fed the same features would, and resumes mid-epoch the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from fgvc.data.loader import EpochSampler, UnreadableImages
+from fgvc.data.loader import EpochSampler, Shard, UnreadableImages
 from fgvc.engine.loop import Runtime
 from fgvc.errors import FGVCError
 from fgvc.files import write_atomically
@@ -42,6 +43,20 @@ class CachedFeatures:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], dtype: torch.dtype) -> CachedFeatures:
+        """No image's features (a rank whose shard of a small split is empty)."""
+        return cls(torch.empty((0, *shape), dtype=dtype), torch.empty(0, dtype=torch.int64),
+                   torch.empty(0, dtype=torch.int64))
+
+    @classmethod
+    def joined(cls, parts: list[CachedFeatures]) -> CachedFeatures:
+        """One cache of every rank's shard, its rows in dataset-index order."""
+        indices = torch.cat([part.indices for part in parts])
+        order = indices.argsort()
+        features, labels = torch.cat([part.features for part in parts]), torch.cat([part.labels for part in parts])
+        return cls(features[order], labels[order], indices[order])
 
     def save(self, path: Path) -> None:
         """Whole or absent (a safetensors file: tensors only, nothing a load could execute)."""
@@ -89,10 +104,11 @@ def check_budget(num_images: int, shape: tuple[int, ...], dtype: torch.dtype, ma
 
 
 @torch.no_grad()
-def extract_features(model: FGVCModel, loader: Iterable[dict], runtime: Runtime, *,
+def extract_features(model: FGVCModel, loader: Iterable[dict], runtime: Runtime, *, shape: tuple[int, ...],
                      dtype: torch.dtype = torch.float16) -> CachedFeatures:
-    """The model's cached features (Head.sufficient_features of its backbone's output, in eval mode) for every
-    readable image of an evaluation loader, in its order."""
+    """The model's cached features (Head.sufficient_features of its backbone's output, in eval mode; `shape` an
+    image) for every readable image of an evaluation loader, in its order; empty when it has none (a rank's shard
+    may be)."""
     was_training = model.training
     model.eval()
     features, labels, indices = [], [], []
@@ -106,7 +122,7 @@ def extract_features(model: FGVCModel, loader: Iterable[dict], runtime: Runtime,
         indices.append(batch["index"].to(torch.int64))
     model.train(was_training)
     if not features:
-        raise FeatureCacheError("no readable image to cache features of")
+        return CachedFeatures.empty(shape, dtype)
     return CachedFeatures(torch.cat(features), torch.cat(labels), torch.cat(indices))
 
 
@@ -118,20 +134,21 @@ class FeatureLoader:
     with nothing cached comes as {}. The features reach the device in float32."""
 
     def __init__(self, cache: CachedFeatures, *, dataset, unreadable: UnreadableImages, batch_size: int, seed: int,
-                 train: bool) -> None:
+                 train: bool, shard: Shard | None = None) -> None:
         self.cache, self.dataset, self.unreadable = cache, dataset, unreadable
         self.batch_size, self.drop_last = batch_size, train
-        self.sampler = EpochSampler(len(dataset), seed=seed, shuffle=train)
+        self.sampler = EpochSampler(len(dataset), seed=seed, shuffle=train,
+                                    shard=dataclasses.replace(shard or Shard(), batch_size=batch_size), drop_last=train)
         self.rows = torch.full((len(dataset),), -1, dtype=torch.int64)  # dataset index -> cache row (-1: none)
         self.rows[cache.indices] = torch.arange(len(cache))
 
     @property
     def batches_per_epoch(self) -> int:
-        count = len(self.dataset)
-        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+        count, size = len(self.dataset), self.sampler.global_batch
+        return count // size if self.drop_last else -(-count // size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start=start_batch * self.batch_size)
+        self.sampler.set_epoch(epoch, start=start_batch * self.sampler.global_batch)
 
     def __len__(self) -> int:
         remaining = len(self.sampler)

@@ -61,12 +61,13 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query
 
 
 @torch.no_grad()
-def embed(backbone: torch.nn.Module, loader: Iterable[dict], runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N x C global-average-pooled backbone features, N labels) of every readable image of an evaluation loader,
-    with the backbone in eval mode (restored afterwards)."""
+def embed(backbone: torch.nn.Module, loader: Iterable[dict],
+          runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N x C global-average-pooled backbone features, N labels, N dataset indices) of every readable image of an
+    evaluation loader, with the backbone in eval mode (restored afterwards)."""
     was_training = backbone.training
     backbone.eval()
-    features, labels = [], []
+    features, labels, indices = [], [], []
     for batch in loader:
         if not batch:
             continue
@@ -74,7 +75,8 @@ def embed(backbone: torch.nn.Module, loader: Iterable[dict], runtime: Runtime) -
             maps = backbone(runtime.images(batch["image"]))
         features.append(maps.float().mean(dim=(2, 3)).cpu())
         labels.append(batch["label"].to(torch.int64))
+        indices.append(batch["index"].to(torch.int64))
     backbone.train(was_training)
     if not features:
-        raise OptionError("split", "has no readable image to embed")
-    return torch.cat(features), torch.cat(labels)
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+    return torch.cat(features), torch.cat(labels), torch.cat(indices)
