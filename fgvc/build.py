@@ -396,10 +396,10 @@ class Training:
 
 def build_training(cfg: Config, distributed: Distributed | None = None) -> Training:
     """Seed, then build every object of a run. Cheap checks come first, so a wrong name fails before any data is
-    generated or read. Under torchrun (`distributed`, fgvc.build.build_distributed) rank 0 prepares the data and
-    weights first (generation, downloads, conversions), each rank loads its part of every global batch, and the
-    model is wrapped in DDP; each rank > 0 then draws its own random numbers (dropout, ...) from a stream of its
-    own, rank 0 those of a single process."""
+    generated or read. Under torchrun (`distributed`, fgvc.build.build_distributed) the data and weights are
+    prepared in turn (Distributed.main_first: generation, downloads, conversions), each rank loads its part of every
+    global batch, and the model is wrapped in DDP; each rank > 0 then draws its own random numbers (dropout, ...)
+    from a stream of its own, rank 0 those of a single process."""
     distributed = distributed if distributed is not None else Distributed()
     train = cfg.train
     with config_keys("model"):
