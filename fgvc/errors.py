@@ -7,11 +7,13 @@ FGVCError whose message names what is wrong and where. The CLIs wrap their `main
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import pickle
 import re
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 
@@ -65,6 +67,15 @@ def command(main: Main) -> Main:
         return 2
 
     return run  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def quiet_weights_only_load() -> Iterator[None]:
+    """torch.load(weights_only=True) of a bare pickle warns about its protocol before refusing it; the refusal is
+    the user's one line (load_failure), the warning only noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
 
 
 def load_failure(error: BaseException) -> str:

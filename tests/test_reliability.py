@@ -234,16 +234,21 @@ def test_a_malicious_pickle_never_runs(path: str, plant, force_unsafe: bool, sto
     pytest.param("feature cache", code_in_the_wrapper, id="feature cache"),
     pytest.param("evaluate", code_in_the_wrapper, id="evaluate-wrapper"),
     pytest.param("resume", code_in_the_payload, id="resume-payload"),
-    pytest.param("pretrained_file", None, id="pretrained_file"),
+    pytest.param("pretrained_file", torch_zip, id="pretrained_file"),
+    pytest.param("pretrained_file", pickle.dumps, id="pretrained_file-bare-pickle"),
 ])
 def test_a_malicious_pickle_is_refused_with_one_error_line(path: str, plant, stopped_runs: dict, small_birds: Path,
                                                             tmp_path: Path, capsys) -> None:
+    """One `error:` line and nothing else on stderr: no traceback, and no warning (which a CLI prints there)."""
     marker = tmp_path / "marker"
-    content = plant(marker) if plant else torch_zip({"conv1.weight": Plant(marker)})
+    content = (plant({"conv1.weight": Plant(marker)}) if plant in (torch_zip, pickle.dumps) else plant(marker))
     capsys.readouterr()
-    status = load_through(path, content, stopped_runs, small_birds, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = load_through(path, content, stopped_runs, small_birds, tmp_path)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert not [str(warning.message) for warning in caught if "pickle" in str(warning.message)]
 
 
 def test_a_pretrained_file_with_none_of_the_backbones_weights_is_refused(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fgvc.errors import FGVCError, load_failure
+from fgvc.errors import FGVCError, load_failure, quiet_weights_only_load
 from fgvc.files import write_atomically
 
 FORMAT = "fgvc-checkpoint-1"
@@ -42,7 +42,8 @@ def load_weights_only(path: Path, error: type[Exception], *, missing: str, damag
     if not path.is_file():
         raise error(missing)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with quiet_weights_only_load():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as reason:  # torch raises many types for a damaged zip or pickle
         raise error(f"{damaged}: {load_failure(reason)}") from None
 
@@ -61,6 +62,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if hashlib.sha256(data).hexdigest() != stored:
         raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 does not match the stored one")
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        with quiet_weights_only_load():
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as reason:  # a payload made elsewhere with a matching SHA-256
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {load_failure(reason)}") from None

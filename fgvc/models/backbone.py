@@ -14,7 +14,7 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
-from fgvc.errors import FGVCError, OptionError, load_failure
+from fgvc.errors import FGVCError, OptionError, load_failure, quiet_weights_only_load
 
 
 class BackboneError(FGVCError, ValueError):
@@ -231,7 +231,7 @@ def _create(name: str, kwargs: dict[str, Any], backbone_args: dict[str, Any]) ->
     backbone_args as FGVCErrors."""
     file = kwargs.get("pretrained_cfg_overlay", {}).get("file")
     try:
-        with _recorded_loads() as loads:
+        with _recorded_loads() as loads, quiet_weights_only_load():
             model = timm.create_model(name, **kwargs)
     except (TypeError, AssertionError) as error:
         if "output_stride" in kwargs or not backbone_args:
