@@ -27,7 +27,6 @@ import math
 import os
 import pickle
 import re
-import shlex
 import shutil
 import signal
 import statistics
@@ -63,6 +62,7 @@ sys.path.insert(0, str(REPO))
 from tests.conftest import SMALL_SPEC  # noqa: E402
 from tests.test_datasets import car_records, make_aircraft, make_cars_split_layout, make_folder_tree, struct_array  # noqa: E402
 from tests.test_images import write_png_rgb16  # noqa: E402
+from tests.test_reliability import Plant, torch_zip  # noqa: E402
 from tests.test_training import SCRATCH_PRESET, scratch_preset, tiny_overrides  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -978,22 +978,6 @@ def r5_disk_full_and_damage(args: argparse.Namespace, workdir: Path) -> Outcome:
 # ---------------------------------------------------------------------------------------------------------------
 # R6: malicious pickles through every load path
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class Plant:
-    """Unpickled by a loader that executes code, it creates its marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
-
-
-def torch_zip(value) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer, pickle_module=pickle)
-    return buffer.getvalue()
 
 
 def evil_files(marker: Path) -> dict[str, bytes]:

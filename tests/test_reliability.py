@@ -147,6 +147,8 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path: Path) -
 
 
 class Plant:
+    """Unpickled by a loader that executes code, it creates its marker file."""
+
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
