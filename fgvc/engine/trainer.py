@@ -178,7 +178,7 @@ class _Run:
     def test(self) -> tuple[dict | None, dict[str, float], int]:
         """The selected checkpoint on the test split, once: (its validation metrics, test metrics, its epoch)."""
         setup = self.setup
-        best = self.distributed.from_main(load_checkpoint(self.run_dir / BEST) if self.distributed.is_main else None)
+        best = self.distributed.on_main(lambda: load_checkpoint(self.run_dir / BEST))
         setup.model.load_state_dict(best["model"])
         test = evaluate(setup.model, setup.test_loader, setup.runtime, num_classes=len(setup.classes),
                         localization=meter_for(setup.test_loader.dataset), distributed=self.distributed)
