@@ -10,10 +10,11 @@ that row alone. Below the table, what each row tried and every failure, in words
 PROMISES: a function (args, workdir) -> Outcome and one line of what it checks, so a promise is added by writing one
 function. `--trials` sets the number of random trials of the promises that draw them (its default is each one's
 own); promises that walk a fixed list of cases (bad files, load paths) ignore it. Random choices (steps, delays,
-positions) come from --seed. Everything runs on a 60-image synthbirds tree (the tests' SMALL_SPEC) and the tests'
-tiny test_resnet runs (tests/test_training.py's tiny_overrides on the from-scratch preset), one torch thread each,
-so that the whole suite fits in about 15 minutes on 2 cores; real `python -m fgvc.*` processes where a process must
-be signalled, killed, limited or must print its one `error:` line.
+positions) come from --seed. Everything but R10 runs on a 60-image synthbirds tree (the tests' SMALL_SPEC) and the
+tests' tiny test_resnet runs (tests/test_training.py's tiny_overrides on the from-scratch preset), one torch thread
+each; R10 times the from-scratch preset itself on part of its data. The whole suite takes about 10 minutes on 2
+cores. Real `python -m fgvc.*` processes (under torchrun for R8 and R10) run where a process must be signalled,
+killed, limited, launched as ranks or must print its one `error:` line.
 """
 
 from __future__ import annotations
