@@ -206,8 +206,9 @@ def with_preprocessing(cfg: Config, preprocessing: Preprocessing) -> Config:
 
 def unreadable_budget(cfg: Config, split: str, dataset: Dataset, *, silent: bool = False,
                       distributed: Distributed | None = None) -> UnreadableImages:
-    """The split's budget of unreadable images (data.max_bad_fraction). Under torchrun each rank reports and
-    counts the images it meets (its reports prefixed with its rank), so the budget holds on each rank's share."""
+    """The split's budget of unreadable images (data.max_bad_fraction). Under torchrun each rank reports the images
+    it meets (prefixed with its rank) and holds its own count against the whole split's budget; evaluation then
+    holds the sum over ranks against it too (fgvc.engine.loop.evaluate)."""
     rank = distributed.rank if distributed is not None else 0
     say = (lambda _: None) if silent else echo if rank == 0 else (lambda message: echo(f"[rank {rank}] {message}"))
     with config_keys("data"):
