@@ -131,7 +131,8 @@ print("kept generation", load_checkpoint(path)["generation"], os.listdir(sys.arg
 
 
 def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
-    """A real ENOSPC: a 600 kB tmpfs in a user and mount namespace of its own (unshare -rm)."""
+    """A real ENOSPC: a 600 kB tmpfs in a user and mount namespace of its own (unshare -rm). Where user namespaces
+    are not allowed it is skipped; tests/test_checkpoint.py's simulated ENOSPC runs everywhere."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
         pytest.skip("unshare -rm is not permitted here")
     done = subprocess.run(["unshare", "-rm", sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True,
