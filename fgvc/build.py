@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import timm
@@ -43,6 +43,8 @@ from fgvc.mixing import Mixer
 from fgvc.models import HEADS, FGVCModel, create_backbone
 from fgvc.models.backbone import Backbone, check_backbone_name
 from fgvc.registry import Registry, UnknownName
+from fgvc.ssl import METHODS, SSLMethod
+from fgvc.ssl.views import MultiViewTransform, method_views
 from fgvc.transfer.advise import Measurement
 from fgvc.transfer.features import (
     CACHE_DTYPES,
@@ -57,6 +59,7 @@ from fgvc.transfer.knn import DEFAULT_K, DEFAULT_TEMPERATURE, embed, knn_accurac
 from fgvc.weights import package_weights
 
 WSDAN_KEYS = {f.name for f in dataclasses.fields(WSDANConfig)}
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
 def model_key(option: str) -> str:
@@ -223,13 +226,20 @@ def build_train_loader(cfg: Config, dataset: Dataset, preprocessing: Preprocessi
         compose = train_transform(data.image_size, resize_size=data.resize_size, crop=data.crop,
                                   crop_scale=tuple(data.crop_scale), hflip=data.hflip, color_jitter=data.color_jitter,
                                   preprocessing=preprocessing)
+    return shuffled_loader(cfg, dataset, PartAwareTransform(compose, dataset.part_names), device, distributed)
+
+
+def shuffled_loader(cfg: Config, dataset: Dataset, transform: Callable[[dict, int], dict], device: torch.device,
+                    distributed: Distributed | None = None, split: str = "train") -> SplitLoader:
+    """A training loader of `dataset` (the `split` split) through `transform`: shuffled by (seed, epoch), the last
+    incomplete global batch dropped, this rank's part of each global batch under torchrun."""
+    data = cfg.data
     if len(dataset) < data.batch_size:
-        raise ConfigError(f"data.batch_size: {data.batch_size} is more than the {len(dataset)} images of the train "
+        raise ConfigError(f"data.batch_size: {data.batch_size} is more than the {len(dataset)} images of the {split} "
                           "split (the last incomplete batch is dropped, so an epoch would be empty)")
     batch_size = rank_batch_size(data.batch_size, distributed or Distributed(), "data.batch_size", exact=True)
-    return build_loader(dataset, PartAwareTransform(compose, dataset.part_names), batch_size=batch_size,
-                        seed=cfg.train.seed, train=True,
-                        unreadable=unreadable_budget(cfg, "train", dataset, distributed=distributed),
+    return build_loader(dataset, transform, batch_size=batch_size, seed=cfg.train.seed, train=True,
+                        unreadable=unreadable_budget(cfg, split, dataset, distributed=distributed),
                         workers=data.workers, pin_memory=device.type == "cuda", shard=shard_of(distributed))
 
 
@@ -379,13 +389,13 @@ class Training:
 
     config: Config  # as resolved, with the preprocessing it resolved to: what the run saves
     runtime: Runtime
-    model: FGVCModel
-    criterion: LabelSmoothingCrossEntropy
+    model: FGVCModel | SSLMethod
+    criterion: LabelSmoothingCrossEntropy | None  # None: the model's loss is its own (pretraining)
     mixer: Mixer | None
     optimization: Optimization
     train_loader: SplitLoader
     val_loader: SplitLoader | None
-    test_loader: SplitLoader
+    test_loader: SplitLoader | None  # None: pretraining, which has no test
     classes: list[str]
     epochs: int
     log_every: int
@@ -393,6 +403,38 @@ class Training:
     compile: bool
     distributed: Distributed = dataclasses.field(default_factory=Distributed)
     ranks: DistributedStep | None = None  # the training step on every rank (None: the model's own, one process)
+    monitor: bool = False  # pretraining: run the k-NN monitor on the val split after every epoch
+
+
+def prepare_run(cfg: Config, distributed: Distributed) -> Runtime:
+    """The device, CPU threads, determinism and seed of a run (train.*); its Runtime."""
+    train = cfg.train
+    runtime = build_runtime(cfg, distributed=distributed)
+    if train.sync_batchnorm and runtime.device.type != "cuda":
+        raise ConfigError("train.sync_batchnorm: SyncBatchNorm needs CUDA devices (it refuses CPU modules); on the "
+                          "CPU each rank normalizes its own part of the batch")
+    if train.threads > 0:
+        torch.set_num_threads(train.threads)
+    torch.use_deterministic_algorithms(train.deterministic)
+    seed_everything(train.seed)
+    return runtime
+
+
+def placed(model: ModelT, cfg: Config, runtime: Runtime) -> ModelT:
+    """`model` on the run's device, channels-last where asked, with SyncBatchNorm under train.sync_batchnorm."""
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def reseed_rank(cfg: Config, distributed: Distributed) -> None:
+    """Once the model is built (identically on every rank), each rank > 0 draws from a stream of its own; rank 0
+    goes on with a single process's."""
+    if distributed.rank > 0:
+        seed_everything(derived_seed(cfg.train.seed, distributed.rank))
 
 
 def build_training(cfg: Config, distributed: Distributed | None = None) -> Training:
@@ -409,28 +451,16 @@ def build_training(cfg: Config, distributed: Distributed | None = None) -> Train
     registered(DATASETS, cfg.data.dataset, "data.dataset")
     check_weights(cfg.model)
     check_transfer(cfg)
-    runtime = build_runtime(cfg, distributed=distributed)
-    if train.sync_batchnorm and runtime.device.type != "cuda":
-        raise ConfigError("train.sync_batchnorm: SyncBatchNorm needs CUDA devices (it refuses CPU modules); on the "
-                          "CPU each rank normalizes its own part of the batch")
-    if train.threads > 0:
-        torch.set_num_threads(train.threads)
-    torch.use_deterministic_algorithms(train.deterministic)
-    seed_everything(train.seed)
+    runtime = prepare_run(cfg, distributed)
     preprocessing = build_preprocessing(cfg)
     datasets = distributed.main_first(lambda: build_datasets(cfg.data))
     classes = list(datasets["train"].classes)
     train_loader = build_train_loader(cfg, datasets["train"], preprocessing, runtime.device, distributed)
     steps_per_epoch = -(-train_loader.batches_per_epoch // max(train.grad_accum, 1))
     model = distributed.main_first(lambda: build_model(cfg.model, len(classes), image_size=cfg.data.image_size))
-    model = model.to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if train.sync_batchnorm:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = placed(model, cfg, runtime)
     apply_transfer(cfg, model)  # before DDP, which reduces the gradients of what trains
-    if distributed.rank > 0:
-        seed_everything(derived_seed(train.seed, distributed.rank))
+    reseed_rank(cfg, distributed)
     optimization = build_optimization(cfg, model, steps_per_epoch)
     val = datasets.get("val")
     eval_loader = functools.partial(build_eval_loader, cfg, preprocessing=preprocessing, distributed=distributed)
@@ -582,6 +612,122 @@ def transfer_measurement(cfg: Config, *, k: int = DEFAULT_K, temperature: float 
         knn[name] = knn_probe(cfg, backbone, runtime, split="val", k=k, temperature=temperature)["top1"]
     counts = Counter(int(label) for label in build_dataset(cfg.data, "train").targets)
     return Measurement(sum(counts.values()) / len(counts), pretrained_knn=knn["pretrained"], random_knn=knn["random"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Self-supervised pretraining (fgvc.ssl)
+# ------------------------------------------------------------------------------------------------------------------
+
+SSL_EVALUATIONS = ("linear", "knn")
+
+
+def check_pretraining(cfg: Config) -> type[SSLMethod]:
+    """The method ssl.method names, once the keys pretraining cannot honour are refused: it trains a backbone and
+    projection heads, with every image's views and no classifier."""
+    method = registered(METHODS, cfg.ssl.method, "ssl.method")
+    default = Config()
+    refusals = {
+        "model.head": (cfg.model.head != default.model.head, "pretraining trains no classifier head"),
+        "model.feature_stage": (cfg.model.feature_stage is not None,
+                                "pretraining trains the whole backbone, whose weights it hands on"),
+        "optim.layer_decay": (cfg.optim.layer_decay is not None, "pretraining trains every layer at one lr"),
+        "transfer.mode": (cfg.transfer.mode != default.transfer.mode, "pretraining trains the whole backbone"),
+        "regularization": (any(getattr(cfg.regularization, key) > 0 for key in
+                               ("mixup_alpha", "cutmix_alpha", "snapmix_prob")),
+                           "mixup, cutmix and snapmix mix labels, which pretraining has none of"),
+    }
+    for key, (refused, why) in refusals.items():
+        if refused:
+            raise ConfigError(f"{key}: {why}; leave it at its default for python -m fgvc.pretrain")
+    unknown = [name for name in cfg.ssl.eval if name not in SSL_EVALUATIONS]
+    if unknown or len(set(cfg.ssl.eval)) < len(cfg.ssl.eval):
+        raise ConfigError(f"ssl.eval (--eval): {cfg.ssl.eval} must name each of {', '.join(SSL_EVALUATIONS)} at most "
+                          "once")
+    with config_keys("model"):
+        check_backbone_name(cfg.model.backbone)
+    if method.needs_tokens and not is_vit(cfg.model.backbone):
+        raise ConfigError(f"ssl.method: {cfg.ssl.method} needs a ViT backbone (patch tokens), and "
+                          f"model.backbone {cfg.model.backbone} is not one; e.g. --model vit_small_patch16_224")
+    return method
+
+
+def is_vit(backbone: str) -> bool:
+    """Whether timm's `backbone` cuts images into patch tokens (a ViT, DeiT, ...): built on the meta device."""
+    with torch.device("meta"):
+        return hasattr(timm.create_model(backbone.split(".", 1)[0], num_classes=0), "patch_embed")
+
+
+def monitors(cfg: Config, dataset: Dataset) -> bool:
+    """Whether pretraining runs the k-NN monitor (ssl.monitor; null: when the data have labels and a val split)."""
+    labeled = bool(dataset.classes)
+    if cfg.ssl.monitor is None:
+        return labeled and cfg.data.val_fraction > 0
+    if cfg.ssl.monitor and not labeled:
+        raise ConfigError(f"ssl.monitor: {cfg.data.dataset} has no labels, which the k-NN monitor needs; set "
+                          "ssl.monitor=false")
+    return cfg.ssl.monitor
+
+
+def build_method(cfg: Config, method: type[SSLMethod], total_steps: int,
+                 distributed: Distributed | None = None) -> SSLMethod:
+    """The ssl.method on model.*'s backbone, with its section's options (ssl.<method>.*)."""
+    options = dataclasses.asdict(getattr(cfg.ssl, cfg.ssl.method))
+    if "total_steps" in inspect.signature(method).parameters:  # its momentum schedule spans the run
+        options["total_steps"] = total_steps
+    backbone = build_backbone(cfg.model, image_size=cfg.data.image_size)
+    with config_keys(f"ssl.{cfg.ssl.method}"):
+        return method(backbone, distributed=distributed, **options)
+
+
+def build_pretraining(cfg: Config, distributed: Distributed | None = None) -> Training:
+    """Seed, then build every object of a pretraining run (as build_training does for supervised training): the
+    views of the train split's images (trainval with ssl.include_val; never test), the method on its backbone,
+    the optimizer and schedule. Labels are never loaded into a batch; the k-NN monitor and --eval read them."""
+    distributed = distributed if distributed is not None else Distributed()
+    train, ssl = cfg.train, cfg.ssl
+    method_class = check_pretraining(cfg)
+    registered(DATASETS, cfg.data.dataset, "data.dataset")
+    check_weights(cfg.model)
+    runtime = prepare_run(cfg, distributed)
+    preprocessing = build_preprocessing(cfg)
+    split = "trainval" if ssl.include_val else "train"
+    dataset = distributed.main_first(lambda: build_dataset(cfg.data, split))
+    if ssl.eval and not dataset.classes:
+        raise ConfigError(f"ssl.eval (--eval): {cfg.data.dataset} has no labels to evaluate the backbone with; "
+                          "pretrain without --eval, then probe on labeled data (python -m fgvc.evaluate --knn)")
+    if ssl.views_in_box and not getattr(dataset, "has_boxes", False):
+        raise ConfigError(f"ssl.views_in_box: {cfg.data.dataset} has no object boxes to draw the views from")
+    monitor = monitors(cfg, dataset)
+    with config_keys("ssl"):
+        views = method_views(ssl.method, crop_scale=ssl.crop_scale, hue=ssl.hue, grayscale=ssl.grayscale)
+    transform = MultiViewTransform(views, cfg.data.image_size, views_in_box=ssl.views_in_box,
+                                   preprocessing=preprocessing)
+    loader = shuffled_loader(cfg, dataset, transform, runtime.device, distributed, split)
+    steps_per_epoch = -(-loader.batches_per_epoch // train.grad_accum)
+    method = distributed.main_first(lambda: build_method(cfg, method_class, steps_per_epoch * cfg.schedule.epochs,
+                                                         distributed))
+    method = placed(method, cfg, runtime)
+    reseed_rank(cfg, distributed)
+    return Training(
+        config=with_preprocessing(cfg, preprocessing), runtime=runtime, model=method, criterion=None, mixer=None,
+        optimization=build_optimization(cfg, method, steps_per_epoch), train_loader=loader, val_loader=None,
+        test_loader=None, classes=list(dataset.classes), epochs=cfg.schedule.epochs, log_every=train.log_every,
+        checkpoint_every=train.checkpoint_every, compile=train.compile, distributed=distributed,
+        ranks=DistributedStep.create(method, distributed), monitor=monitor)
+
+
+def probe_config(cfg: Config, backbone_file: Path, output_dir: Path) -> Config:
+    """The linear probe of a pretrained backbone file (--eval linear): fgvc.train on the same data, the backbone
+    frozen and its features cached, a linear head trained for ssl.probe_epochs at ssl.probe_lr (no weight decay, no
+    warmup), selected on val and tested once, in output_dir/linear_probe."""
+    ssl = cfg.ssl
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(without_weights(cfg.model), pretrained_file=str(backbone_file), head="linear"),
+        transfer=dataclasses.replace(cfg.transfer, mode="linear_probe", cache_features=True),
+        optim=dataclasses.replace(cfg.optim, lr=ssl.probe_lr, weight_decay=0.0, head_lr_mult=1.0),
+        schedule=dataclasses.replace(cfg.schedule, epochs=ssl.probe_epochs, warmup_epochs=0.0),
+        regularization=dataclasses.replace(cfg.regularization, label_smoothing=0.0),
+        output_dir=str(output_dir), run_name="linear_probe")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from fgvc.errors import FGVCError
 
 @dataclass
 class DataConfig:
-    # synthbirds, cub200, cars196, aircraft100, folder (an ImageFolder tree), mnist, cifar10, cifar100, imagenet
+    # synthbirds, cub200, cars196, aircraft100, folder (an ImageFolder tree), mnist, cifar10, cifar100, imagenet,
+    # unlabeled (every image under data.root, no labels: for python -m fgvc.pretrain)
     dataset: str = "synthbirds"
     root: Optional[str] = None  # synthbirds: generated into a cache folder when not given ($FGVC_DATA_ROOT)
     download: bool = False  # fetch the official archive into root when the dataset is missing (cub200, aircraft100)
@@ -156,6 +157,72 @@ class TransferConfig:
 
 
 @dataclass
+class SimCLRConfig:
+    temperature: float = 0.1
+    hidden_dim: Optional[int] = None  # null: the backbone's width (the paper's 2048 -> 2048 -> 128 on a ResNet-50)
+    projection_dim: int = 128
+
+
+@dataclass
+class MoCoConfig:
+    temperature: float = 0.2
+    momentum: float = 0.999  # the key encoder's EMA coefficient (constant)
+    queue_size: int = 65536
+    hidden_dim: Optional[int] = None  # null: the backbone's width
+    projection_dim: int = 128
+    # The key batch is shuffled and its BatchNorm statistics taken in this many groups per rank (MoCo's shuffle BN
+    # over its 8 GPUs), so a query cannot find its key through statistics they share.
+    key_bn_groups: int = 8
+
+
+@dataclass
+class BYOLConfig:
+    momentum: float = 0.996  # the target's EMA coefficient at the first step; cosine to 1 at the last
+    hidden_dim: int = 4096
+    projection_dim: int = 256
+
+
+@dataclass
+class SimSiamConfig:
+    projection_dim: int = 2048
+    predictor_hidden_dim: int = 512
+
+
+@dataclass
+class SSLConfig:
+    """Self-supervised pretraining (python -m fgvc.pretrain; fgvc.ssl). Each method's section holds the published
+    defaults (shared/REFERENCE.md section 7); the CPU recipes scale them down."""
+
+    method: str = "simclr"  # simclr, moco, byol, simsiam
+    # Draw every view's crop from the object box (datasets with boxes: CUB, Cars, Aircraft, synthbirds).
+    views_in_box: bool = False
+    # In place of the method's view recipe (null: the paper's): the crop scale range, the colour jitter's hue and
+    # the greyscale chance (0 and 0 keep colours, which in fine-grained data are often the class).
+    crop_scale: Optional[list[float]] = None
+    hue: Optional[float] = None
+    grayscale: Optional[float] = None
+    include_val: bool = False  # pretrain on the val split's images too (the test split's never)
+    # The weighted k-NN of the backbone's features on the val split after every epoch (labels read by it alone).
+    # null: on when the dataset has labels and data.val_fraction carves a val split.
+    monitor: Optional[bool] = None
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    # Collapse guard: the run stops when the std of the normalized embeddings (logged as embedding_std) stays below
+    # collapse_std / sqrt(D) for collapse_epochs epochs in a row (about 1 / sqrt(D) when spread, 0 collapsed).
+    collapse_std: float = 0.1
+    collapse_epochs: int = 2
+    # After pretraining: "linear" (a linear probe on the frozen backbone's cached features, trained by fgvc.train in
+    # the run folder's linear_probe/, selected on val and tested once) and "knn" (the weighted k-NN on test).
+    eval: list[str] = field(default_factory=list)
+    probe_epochs: int = 30
+    probe_lr: float = 0.01
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
@@ -178,6 +245,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs"
     run_name: Optional[str] = None  # default: <dataset>-<backbone>-<head>-<time>
@@ -193,6 +261,7 @@ FLAG_KEYS = {
     "device": "train.device",
     "epochs": "schedule.epochs",
     "seed": "train.seed",
+    "method": "ssl.method",
 }
 FLAGS = {key: "--" + name.replace("_", "-") for name, key in FLAG_KEYS.items()}  # key -> its flag
 
@@ -223,9 +292,14 @@ DEFAULT_RECIPES = {None: QUICK_START, "synthbirds": QUICK_START, "cub200": "cub2
 BASE_KEY = "base"
 
 
-def default_recipe(dataset: str | None) -> Path | None:
-    """The recipe `python -m fgvc.train [--dataset D]` stands for without --config, or None (the schema defaults)."""
-    return recipe_path(DEFAULT_RECIPES[dataset]) if dataset in DEFAULT_RECIPES else None
+# The recipe `python -m fgvc.pretrain` uses without --config: synthbirds' CPU recipe, for any --method.
+PRETRAIN_RECIPES = {None: "synthbirds/pretrain.yaml", "synthbirds": "synthbirds/pretrain.yaml"}
+
+
+def default_recipe(dataset: str | None, recipes: dict[str | None, str] = DEFAULT_RECIPES) -> Path | None:
+    """The recipe `python -m fgvc.train [--dataset D]` stands for without --config (`recipes`: another command's
+    table, PRETRAIN_RECIPES), or None (the schema defaults)."""
+    return recipe_path(recipes[dataset]) if dataset in recipes else None
 
 
 def recipe_path(name: str | Path) -> Path:
@@ -355,6 +429,17 @@ RANGES: dict[str, tuple[Any, str]] = {
     "model.drop_path_rate": ((lambda value: 0 <= value < 1), "in [0, 1)"),
     "train.grad_accum": _at_least(1), "train.log_every": _at_least(1), "train.checkpoint_every": _at_least(0),
     "train.threads": _at_least(0),
+    "ssl.crop_scale": ((lambda value: value is None or (len(value) == 2 and 0 < value[0] <= value[1] <= 1)),
+                       "null or [low, high] with 0 < low <= high <= 1"),
+    "ssl.hue": ((lambda value: value is None or 0 <= value <= 0.5), "null or in [0, 0.5]"),
+    "ssl.grayscale": ((lambda value: value is None or 0 <= value <= 1), "null or in [0, 1]"),
+    "ssl.knn_k": _at_least(1), "ssl.collapse_std": _at_least(0), "ssl.collapse_epochs": _at_least(1),
+    "ssl.probe_epochs": _at_least(1), "ssl.probe_lr": _at_least(0),
+    "ssl.simclr.temperature": ((lambda value: value > 0), "positive"),
+    "ssl.moco.temperature": ((lambda value: value > 0), "positive"),
+    "ssl.moco.momentum": ((lambda value: 0 <= value <= 1), "in [0, 1]"),
+    "ssl.moco.queue_size": _at_least(1), "ssl.moco.key_bn_groups": _at_least(1),
+    "ssl.byol.momentum": ((lambda value: 0 <= value <= 1), "in [0, 1]"),
 }
 
 
@@ -374,7 +459,7 @@ KEYS_ADDED_LATER = {"model.output_stride": None, "data.mean": [0.485, 0.456, 0.4
                     "data.std": [0.229, 0.224, 0.225], "data.interpolation": "bilinear", "optim.layer_decay": None,
                     "model.pretrained_package": None, "train.sync_batchnorm": False}
 # Sections added later: a run saved before one existed trained as its defaults say (transfer: everything trains).
-SECTIONS_ADDED_LATER = ("transfer",)
+SECTIONS_ADDED_LATER = ("transfer", "ssl")
 
 
 def to_yaml(cfg: Config) -> str:

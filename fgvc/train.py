@@ -21,7 +21,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fgvc.build import build_preprocessing, with_preprocessing
-from fgvc.config import FLAG_KEYS, Config, ConfigError, default_recipe, load_config, load_run_config, to_yaml
+from fgvc.config import (
+    DEFAULT_RECIPES,
+    FLAG_KEYS,
+    Config,
+    ConfigError,
+    default_recipe,
+    load_config,
+    load_run_config,
+    to_yaml,
+)
 from fgvc.engine.distributed import is_main_process
 from fgvc.engine.localization import localization_line
 from fgvc.engine.trainer import BEST, CONFIG_FILE, RunResult, train
@@ -29,13 +38,18 @@ from fgvc.errors import command
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fgvc.train", description=__doc__,
+    return run_parser("python -m fgvc.train", __doc__).parse_intermixed_args(argv)
+
+
+def run_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options of a command that makes a run (fgvc.train, fgvc.pretrain): recipe, resume, flags, overrides."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a YAML recipe: a file, or a name under configs/ (cub200/isqrt_resnet50)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--dataset", help="data.dataset: synthbirds, cub200, cars196, aircraft100, folder, mnist, "
-                                          "cifar10, cifar100, imagenet")
+                                          "cifar10, cifar100, imagenet, unlabeled (fgvc.pretrain)")
     parser.add_argument("--data-dir", help="data.root")
     parser.add_argument("--download", action="store_const", const=True,
                         help="data.download=true: fetch the official archive into --data-dir if missing")
@@ -45,12 +59,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="schedule.epochs")
     parser.add_argument("--seed", type=int, help="train.seed")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. optim.lr=0.01")
-    return parser.parse_intermixed_args(argv)
+    return parser
 
 
-def resolve(args: argparse.Namespace) -> Config:
+def resolve(args: argparse.Namespace, recipes: dict[str | None, str] = DEFAULT_RECIPES) -> Config:
     """The config the arguments describe: a run's saved one for --resume, else recipe + flags + overrides."""
-    flags = {name: getattr(args, name) for name in FLAG_KEYS}
+    flags = {name: getattr(args, name, None) for name in FLAG_KEYS}  # --method is fgvc.pretrain's
     if args.resume:
         if args.config or args.overrides or any(v is not None for v in flags.values()):
             raise ConfigError("--resume continues a run with its saved config; it takes no other options")
@@ -58,7 +72,7 @@ def resolve(args: argparse.Namespace) -> Config:
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: not a run folder (it has no {CONFIG_FILE})")
         return load_run_config(saved)
-    recipe = args.config or default_recipe(args.dataset)
+    recipe = args.config or default_recipe(args.dataset, recipes)
     if recipe is not None and args.config is None and args.dataset is not None and not args.print_config:
         print(f"--dataset {args.dataset}: using the recipe {recipe} (--config chooses another)")
     return load_config(recipe, args.overrides, flags)

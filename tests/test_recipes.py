@@ -17,6 +17,7 @@ from fgvc.config import (
     Config,
     ConfigError,
     ModelConfig,
+    SSLConfig,
     TransferConfig,
     WSDANConfig,
     default_recipe,
@@ -25,19 +26,10 @@ from fgvc.config import (
 )
 from fgvc.data.synthbirds import SynthBirdsSpec
 
+
 # Every recipe's resolved config on the code before recipes composed, written by that code. The from-scratch preset
 # (scratch_isqrt.yaml) is what `python -m fgvc.train` with no arguments resolved to then (the schema defaults); the
 # quick start is now a pretrained recipe of its own. Keys have only been added since: their values follow.
-BEFORE = json.loads((Path(__file__).parent / "data" / "recipes_before.json").read_text())
-SCRATCH_PRESET = "synthbirds/scratch_isqrt.yaml"
-NEW_KEYS = {"data.mean": None, "data.std": None, "data.interpolation": None, "optim.layer_decay": None,
-            "model.pretrained_package": None, "train.sync_batchnorm": False,
-            "data.synthbirds.class_offset": 0, "data.synthbirds.domain": "standard",
-            **{f"transfer.{f.name}": f.default for f in dataclasses.fields(TransferConfig)}}
-HEAD_KEYS = {"model.head_dim", "model.isqrt_iterations", "model.num_attention_maps",
-             *(f"model.wsdan.{f.name}" for f in dataclasses.fields(WSDANConfig))}
-
-
 def flatten(values: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in values.items():
@@ -46,6 +38,17 @@ def flatten(values: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + key] = value
     return flat
+
+
+BEFORE = json.loads((Path(__file__).parent / "data" / "recipes_before.json").read_text())
+SCRATCH_PRESET = "synthbirds/scratch_isqrt.yaml"
+NEW_KEYS = {"data.mean": None, "data.std": None, "data.interpolation": None, "optim.layer_decay": None,
+            "model.pretrained_package": None, "train.sync_batchnorm": False,
+            "data.synthbirds.class_offset": 0, "data.synthbirds.domain": "standard",
+            **{f"transfer.{f.name}": f.default for f in dataclasses.fields(TransferConfig)},
+            **flatten({"ssl": dataclasses.asdict(SSLConfig())})}
+HEAD_KEYS = {"model.head_dim", "model.isqrt_iterations", "model.num_attention_maps",
+             *(f"model.wsdan.{f.name}" for f in dataclasses.fields(WSDANConfig))}
 
 
 def unread_keys(cfg: Config) -> set[str]:

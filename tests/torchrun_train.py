@@ -50,14 +50,14 @@ def main() -> int:
     digests, stop_after, *overrides = sys.argv[1:]
     digests = Path(digests)
     digests.mkdir(parents=True, exist_ok=True)
-    checkpoint_last = trainer._Run.checkpoint_last
+    checkpoint_last = trainer.Run.checkpoint_last
 
-    def checkpoint_and_digest(run: trainer._Run) -> None:
+    def checkpoint_and_digest(run: trainer.Run) -> None:
         checkpoint_last(run)
         with open(digests / f"rank{os.environ.get('RANK', '0')}.txt", "a") as lines:
             lines.write(f"{run.state.step} {run.state.epoch} {digest(run.setup.model.state_dict())}\n")
 
-    trainer._Run.checkpoint_last = checkpoint_and_digest
+    trainer.Run.checkpoint_last = checkpoint_and_digest
     if "NAN_LOSS" in os.environ:
         poison_loss(*map(int, os.environ["NAN_LOSS"].split(":")))
     result = trainer.train(load_config(SCRATCH_PRESET, overrides), stop_after_steps=int(stop_after) or None)

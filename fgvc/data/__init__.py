@@ -84,6 +84,17 @@ def image_folder(root: str | os.PathLike | None, split: str = "train", *, val_fr
                             val_fraction=val_fraction, split_seed=split_seed)
 
 
+@DATASETS.register("unlabeled")
+def unlabeled_images(root: str | os.PathLike | None, split: str = "train") -> ImageListDataset:
+    """Every image under root, at any depth, without labels: data for self-supervised pretraining
+    (python -m fgvc.pretrain), whose train split (and trainval) is all of them; there is no val or test split."""
+    root = _required_root(root, "a folder of images (at any depth)")
+    check_split(split)
+    if split not in ("train", "trainval"):
+        raise AnnotationError(f"{root}: unlabeled images have no {split} split (only train, all of them)")
+    return ImageListDataset(_cached_table(generic.load_unlabeled, root), split)
+
+
 @DATASETS.register("imagenet")
 def imagenet(root: str | os.PathLike | None, split: str = "train", *, val_fraction: float = 0.1,
              split_seed: int = 0) -> ImageListDataset:

@@ -67,6 +67,22 @@ def _folder_samples(folder: Path, class_to_idx: dict[str, int], echo: Callable[[
     return samples
 
 
+def load_unlabeled(root: str | os.PathLike, echo: Callable[[str], None] = print) -> ImageTable:
+    """Every image file under `root`, at any depth, in sorted order, with no labels (self-supervised
+    pretraining's data); files without an image extension are listed in the log, not read."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise AnnotationError(f"{root}: folder not found")
+    files = sorted(path for path in root.rglob("*") if path.is_file())
+    paths = [path for path in files if path.suffix.lower() in IMG_EXTENSIONS]
+    if not paths:
+        raise AnnotationError(f"{root}: no image files ({', '.join(IMG_EXTENSIONS)}) in it or below it")
+    if len(paths) < len(files):
+        echo(f"{root}: not reading {len(files) - len(paths)} file(s) without an image extension, e.g. "
+             f"{next(path for path in files if path.suffix.lower() not in IMG_EXTENSIONS)}")
+    return ImageTable(paths, np.full(len(paths), -1, dtype=np.int64), classes=[])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torchvision's datasets, read from disk as they store them
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,8 +40,8 @@ class ImageTable:
 
 
 class ImageListDataset:
-    """One split of an ImageTable. Items are raw samples as in fgvc.data.cub: the decoded RGB image, label, index
-    and, where the table has them, the box."""
+    """One split of an ImageTable. Items are raw samples as in fgvc.data.cub: the decoded RGB image, label (where
+    the table has classes), index and, where the table has them, the box."""
 
     part_names = None
     attribute_names = None
@@ -75,7 +75,9 @@ class ImageListDataset:
         image = read_rgb(self.image_path(index))
         if self.table.crop_bottom:
             image = image[: max(image.shape[0] - self.table.crop_bottom, 1)]
-        sample = {"image": image, "label": int(self.table.labels[row]), "index": int(index)}
+        sample = {"image": image, "index": int(index)}
+        if self.table.classes:  # unlabeled images (fgvc.data.generic.load_unlabeled) have no label key
+            sample["label"] = int(self.table.labels[row])
         if self.table.bboxes is not None:  # clipped: the credit banner may have been cut off
             box = torch.from_numpy(self.table.bboxes[row])
             sample["bbox"] = clip_boxes(box, (0, 0, image.shape[1], image.shape[0])).numpy()

@@ -98,6 +98,19 @@ class Distributed:
         dist.all_gather_object(values, value)
         return values
 
+    def gather_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(every rank's `rows` stacked in rank order, where this rank's begin), on every rank. Ranks may hold
+        different numbers of rows. The gradient flows back to each rank's own rows, summed over the ranks whose
+        losses used them: contrastive negatives gathered this way give every rank's loss the global batch, and DDP's
+        averaged gradients are then those of the global loss (as in one process)."""
+        if not self.active:
+            return rows, 0
+        counts = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([len(rows)], device=rows.device))
+        sizes = [int(count) for count in counts]
+        offset = sum(sizes[: self.rank])
+        return _GatherRows.apply(rows, sizes, offset), offset
+
     def from_main(self, value: T) -> T:
         """Rank 0's `value` on every rank."""
         if not self.active:
@@ -148,6 +161,27 @@ class Distributed:
         if self.active:
             for buffer in module.buffers():
                 dist.broadcast(buffer.data, src=0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather of row blocks of the given sizes (padded to the largest, then cut), with the gradient all-reduced
+    and each rank's own rows taken back."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, sizes: list[int], offset: int) -> torch.Tensor:
+        padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+        padded[: len(rows)] = rows
+        blocks = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(blocks, padded)
+        ctx.own = (offset, len(rows))
+        return torch.cat([block[:size] for block, size in zip(blocks, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx: Any, gradient: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        total = gradient.contiguous().clone()
+        dist.all_reduce(total)
+        offset, count = ctx.own
+        return total[offset : offset + count], None, None
 
 
 def _attempt(work: Callable[[], T]) -> tuple[T | None, Exception | None]:
@@ -225,7 +259,7 @@ class DistributedStep:
     distributed: Distributed = field(default_factory=Distributed)
     ddp: DistributedDataParallel | None = None
     stateful: list[nn.Module] = field(default_factory=list)  # modules whose updates are summed over ranks
-    every_forward: bool = False  # SyncBatchNorm: each forward is a collective, so every rank must run it
+    every_forward: bool = False  # each forward is a collective (SyncBatchNorm, gathers), so every rank must run it
 
     @classmethod
     def create(cls, model: nn.Module, distributed: Distributed) -> DistributedStep:
@@ -238,7 +272,9 @@ class DistributedStep:
         # Buffers are not broadcast at every forward (only at the start): rank 0's evolve as they would with it,
         # and sync_buffers makes them every rank's before each evaluation and checkpoint.
         ddp = DistributedDataParallel(_TrainingStep(model), device_ids=device_ids, forward_sync_buffers=False)
-        every_forward = any(isinstance(module, nn.SyncBatchNorm) for module in model.modules())
+        # SyncBatchNorm, and methods that gather negatives or keys from every rank in their forward.
+        every_forward = (getattr(model, "collective_forward", False)
+                         or any(isinstance(module, nn.SyncBatchNorm) for module in model.modules()))
         return cls(model, distributed, ddp, stateful, every_forward)
 
     def training_step(self, batch: dict, criterion: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -250,9 +286,10 @@ class DistributedStep:
         """Under SyncBatchNorm, stop every rank when any rank's part of this batch is wholly unreadable: it could
         not join the other ranks' normalization."""
         if self.every_forward and self.distributed.any(not batch):
-            raise UnreadableBatch("a rank's whole part of a batch was unreadable, and train.sync_batchnorm needs "
-                                  "every rank's forward pass on every batch; remove the unreadable images (python -m "
-                                  "fgvc.data.check lists them) or set train.sync_batchnorm=false")
+            raise UnreadableBatch("a rank's whole part of a batch was unreadable, and train.sync_batchnorm (or a "
+                                  "self-supervised method that gathers every rank's embeddings) needs every rank's "
+                                  "forward pass on every batch; remove the unreadable images (python -m "
+                                  "fgvc.data.check lists them)")
 
     def joins_reduction(self, batch: dict, reduce: bool) -> bool:
         """Whether a batch with no readable image ({}) must still run a (zero) step: under DDP, on the micro-batch

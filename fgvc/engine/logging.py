@@ -61,9 +61,19 @@ class MetricsLog:
             self.tensorboard.close()
 
 
+# How the running statistics a model reports (its running_statistics) are shown: (short name, format).
+STATISTIC_FORMATS = {"top1": ("acc", "{:5.1f}%"), "embedding_std": ("std", "{:.4f}")}
+
+
+def shown_statistics(stats: dict[str, float]) -> dict[str, str]:
+    """The model's running statistics in `stats`, by short name, formatted."""
+    return {short: text.format(stats[name]) for name, (short, text) in STATISTIC_FORMATS.items() if name in stats}
+
+
 def progress_line(epoch: int, epochs: int, batch: int, batches: int, stats: dict[str, float]) -> str:
+    shown = "".join(f"{short} {value} " for short, value in shown_statistics(stats).items())
     return (f"epoch {epoch + 1}/{epochs} [{batch:>{len(str(batches))}}/{batches}] loss {stats['loss']:.3f} "
-            f"acc {stats['top1']:5.1f}% {stats['images_per_s']:6.1f} img/s lr {stats['lr']:.2e}")
+            f"{shown}{stats['images_per_s']:6.1f} img/s lr {stats['lr']:.2e}")
 
 
 def echo(message: str, stream: TextIO | None = None) -> None:
@@ -94,7 +104,7 @@ class TrainingProgress:
         if self.bar is not None:
             self.bar.update()
             if stats is not None:
-                self.bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['top1']:.1f}%",
+                self.bar.set_postfix(loss=f"{stats['loss']:.3f}", **shown_statistics(stats),
                                      img_s=f"{stats['images_per_s']:.0f}", lr=f"{stats['lr']:.1e}")
         elif stats is not None:
             echo(progress_line(epoch, self.epochs, batch, self.batches, stats))

@@ -142,7 +142,9 @@ def train_one_epoch(model: FGVCModel, criterion: nn.Module, optimization: Optimi
     model.train()
     batches_in_epoch = state.batch + len(loader)
     grad_accum = optimization.grad_accum
-    totals = torch.zeros(3, device=runtime.device)  # loss x images, correct, images -- summed on device, read rarely
+    names = model.running_statistics
+    # loss x images, each running statistic x images, images -- summed on device, read rarely
+    totals = torch.zeros(len(names) + 2, device=runtime.device)
     start = time.perf_counter()
     group: list[tuple[int, dict[str, torch.Tensor]]] = []  # (batch, losses) of the step being accumulated
     for batch in loader:
@@ -164,10 +166,11 @@ def train_one_epoch(model: FGVCModel, criterion: nn.Module, optimization: Optimi
         ranks.before_optimizer_step()
         optimization.step()
         state.step += 1
-        running = functools.partial(_stats, totals, start, optimization, ranks.distributed)
+        model.after_optimizer_step(state.step - 1)
+        running = functools.partial(_stats, names, totals, start, optimization, ranks.distributed)
         if after_step is not None and after_step(state, running):
             return None
-    return _stats(totals, start, optimization, ranks.distributed)
+    return _stats(names, totals, start, optimization, ranks.distributed)
 
 
 def _train_batch(model: FGVCModel, criterion: nn.Module, optimization: Optimization, runtime: Runtime,
@@ -184,18 +187,20 @@ def _train_batch(model: FGVCModel, criterion: nn.Module, optimization: Optimizat
     optimization.backward(losses["loss"] / group_size)
     if batch:
         with torch.no_grad():
-            n = batch["label"].shape[0]
-            correct = (outputs["logits"].argmax(dim=1) == batch["label"]).sum()
-            totals += torch.stack([losses["loss"].detach().float() * n, correct.float(), totals.new_tensor(n)])
+            n = len(batch["label"] if "label" in batch else batch["index"])  # pretraining's views have no label
+            statistics = model.batch_statistics(outputs, batch)
+            totals += torch.stack([losses["loss"].detach().float(),
+                                   *(statistics[name].float() for name in model.running_statistics),
+                                   totals.new_tensor(1.0)]) * n
     return {name: value.detach() for name, value in losses.items()}
 
 
-def _stats(totals: torch.Tensor, start: float, optimization: Optimization,
+def _stats(names: tuple[str, ...], totals: torch.Tensor, start: float, optimization: Optimization,
            distributed: Distributed | None = None) -> dict[str, float]:
-    """The running statistics over every rank's images so far."""
-    loss_sum, correct, images = (distributed.sum(totals) if distributed is not None else totals).tolist()
-    images = max(images, 1.0)
-    return {"loss": loss_sum / images, "top1": 100.0 * correct / images,
+    """The running loss and the model's running statistics (per-image means) over every rank's images so far."""
+    *sums, images = (distributed.sum(totals) if distributed is not None else totals).tolist()
+    means = [value / max(images, 1.0) for value in sums]
+    return {"loss": means[0], **dict(zip(names, means[1:], strict=True)),
             "images_per_s": images / (time.perf_counter() - start), "lr": optimization.lr}
 
 

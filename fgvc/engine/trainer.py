@@ -12,10 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from fgvc.build import Training, build_distributed, build_training, run_folder, 
 from fgvc.config import Config, to_dict, to_yaml
 from fgvc.data.loader import derived_seed
 from fgvc.engine.checkpoint import load_checkpoint, save_checkpoint
-from fgvc.engine.distributed import launched_by_torchrun
+from fgvc.engine.distributed import Distributed, launched_by_torchrun
 from fgvc.engine.localization import meter_for
 from fgvc.engine.logging import MetricsLog, TrainingProgress, dumps, echo
 from fgvc.engine.loop import NonFiniteLoss, TrainState, evaluate, train_one_epoch
@@ -48,6 +49,7 @@ class RunResult:
     test: dict[str, float] | None = None
     best_epoch: int = -1
     seconds: float = 0.0
+    results: dict | None = None  # what results.json holds (pretraining: the backbone file and its evaluations)
 
 
 def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps: int | None = None) -> RunResult:
@@ -58,43 +60,53 @@ def train(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps
     Under torchrun every rank calls this: each trains its part of every global batch (data.batch_size is the
     global batch, the same at any world size, so a checkpoint resumes at another world size), rank 0 alone writes
     the run folder, and a rank that dies stops the others with RankFailed, the last checkpoint kept."""
+    return run_task(cfg, build_training, Run, resume_dir=resume_dir, stop_after_steps=stop_after_steps)
+
+
+def run_task(cfg: Config, build: Callable[[Config, Distributed], Training], run_type: type[Run], *,
+             resume_dir: str | Path | None = None, stop_after_steps: int | None = None) -> RunResult:
+    """A run of `run_type` (supervised training, Run, or pretraining) on what `build` makes of `cfg`: the run
+    folder, resume, compilation, and what a lost rank leaves said; see train()."""
     start = time.perf_counter()
     distributed = build_distributed(cfg.train.device)
-    runs: list[_Run] = []  # the run, once made: what a lost rank leaves behind is its to say
+    runs: list[Run] = []  # the run, once made: what a lost rank leaves behind is its to say
 
     def kept() -> str:
-        return f"; {runs[0].kept_checkpoint()}; continue with: {resume_command(runs[0].run_dir)}" if runs else ""
+        return (f"; {runs[0].kept_checkpoint()}; continue with: {resume_command(runs[0].run_dir, run_type.command)}"
+                if runs else "")
 
     try:
         with distributed.explaining_lost_ranks(kept):
             run_dir = (Path(resume_dir) if resume_dir is not None
-                       else distributed.on_main(lambda: unused_run_folder(cfg)))
-            setup = build_training(cfg, distributed)
+                       else distributed.on_main(lambda: unused_run_folder(cfg, run_type.command)))
+            setup = build(cfg, distributed)
             state = TrainState()
             if resume_dir is None:
                 distributed.on_main(lambda: create_run_dir(run_dir, setup.config))
             else:
-                _resume(run_dir, setup, state)
+                _resume(run_dir, setup, state, run_type.command)
             setup = use_cached_features(setup, run_dir)  # the linear probe's, when it caches them
             if setup.compile:
                 setup.model.compile()
-            runs.append(_Run(setup, run_dir, MetricsLog(run_dir, enabled=distributed.is_main), state,
-                             _StopRequest(stop_after_steps, distributed.is_main)))
+            runs.append(run_type(setup, run_dir, MetricsLog(run_dir, enabled=distributed.is_main), state,
+                                 _StopRequest(stop_after_steps, distributed.is_main)))
             return runs[0].run(start)
     finally:
         distributed.close()
 
 
 @dataclass
-class _Run:
-    """The epoch loop of one run: validation, model selection, checkpoints, logs and progress. Every rank runs it
-    in step; rank 0 alone writes and prints."""
+class Run:
+    """The epoch loop of one supervised run: validation, model selection, checkpoints, logs and progress; a task
+    with another end of epoch and of run subclasses it (fgvc.engine.pretraining). Every rank runs it in step; rank
+    0 alone writes and prints."""
 
     setup: Training
     run_dir: Path
     log: MetricsLog
     state: TrainState
     stop: _StopRequest
+    command: ClassVar[str] = "fgvc.train"  # the module that trains (and resumes) this kind of run
 
     def __post_init__(self) -> None:
         batches, grad_accum = self.setup.train_loader.batches_per_epoch, self.setup.optimization.grad_accum
@@ -115,18 +127,20 @@ class _Run:
             with self.stop.on_signals():
                 completed = self.epochs()
             if not completed:
-                self.say(f"stopped at step {self.state.step}; continue with: {resume_command(self.run_dir)}")
+                self.say(f"stopped at step {self.state.step}; continue with: "
+                         f"{resume_command(self.run_dir, self.command)}")
                 return RunResult(self.run_dir, completed=False, seconds=time.perf_counter() - start)
-            val, test, best_epoch = self.test()
+            results = self.finish()
         except NonFiniteLoss as error:
             raise RunError(f"{error}; {self.kept_checkpoint()}, and no checkpoint of non-finite weights was written. "
                            "Lower optim.lr, or look for broken inputs") from None
         finally:
             self.log.close()
         seconds = time.perf_counter() - start
-        results = {"checkpoint": BEST, "best_epoch": best_epoch, "val": val, "test": test, "seconds": round(seconds, 1)}
+        results["seconds"] = round(seconds, 1)
         self.distributed.on_main(lambda: write_atomically(self.run_dir / RESULTS_FILE, dumps(results, indent=2) + "\n"))
-        return RunResult(self.run_dir, completed=True, val=val, test=test, best_epoch=best_epoch, seconds=seconds)
+        return RunResult(self.run_dir, completed=True, val=results.get("val"), test=results.get("test"),
+                         best_epoch=results.get("best_epoch", -1), seconds=seconds, results=results)
 
     def epochs(self) -> bool:
         """Train the remaining epochs; False when stopped early (after checkpointing)."""
@@ -175,15 +189,16 @@ class _Run:
         self.log.write("epoch", state.step, **record)
         self.checkpoint_last()
 
-    def test(self) -> tuple[dict | None, dict[str, float], int]:
-        """The selected checkpoint on the test split, once: (its validation metrics, test metrics, its epoch)."""
+    def finish(self) -> dict:
+        """The selected checkpoint on the test split, once: what results.json holds (its validation metrics, test
+        metrics, its epoch)."""
         setup = self.setup
         best = self.distributed.on_main(lambda: load_checkpoint(self.run_dir / BEST))
         setup.model.load_state_dict(best["model"])
         test = evaluate(setup.model, setup.test_loader, setup.runtime, num_classes=len(setup.classes),
                         localization=meter_for(setup.test_loader.dataset), distributed=self.distributed)
         self.log.write("test", self.state.step, checkpoint=BEST, best_epoch=best["epoch"], **test)
-        return best["val"], test, best["epoch"]
+        return {"checkpoint": BEST, "best_epoch": best["epoch"], "val": best["val"], "test": test}
 
     def checkpoint_last(self) -> None:
         setup = self.setup
@@ -193,7 +208,7 @@ class _Run:
         self.save(LAST, {"model": setup.model.state_dict(), "optimizer": optimization.optimizer.state_dict(),
                          "scheduler": optimization.scheduler.state_dict(),
                          "scaler": optimization.scaler.state_dict() if optimization.scaler is not None else None,
-                         "state": asdict(self.state), "rng": rng[0], "rank_rng": rng[1:],
+                         "state": asdict(self.state), "rng": rng[0], "rank_rng": rng[1:], "command": self.command,
                          "config": to_dict(setup.config), "classes": setup.classes})
         self.saved_step = self.state.step
 
@@ -214,12 +229,12 @@ class _Run:
         return f"the last good checkpoint, {self.run_dir / LAST} (step {self.saved_step}), is kept"
 
 
-def resume_command(run_dir: Path) -> str:
-    """How to continue the run, with the launcher it was started by."""
-    return (f"{'torchrun ... ' if launched_by_torchrun() else 'python '}-m fgvc.train --resume {run_dir}")
+def resume_command(run_dir: Path, command: str = Run.command) -> str:
+    """How to continue the run, with the launcher it was started by and its module (fgvc.train, fgvc.pretrain)."""
+    return f"{'torchrun ... ' if launched_by_torchrun() else 'python '}-m {command} --resume {run_dir}"
 
 
-def _resume(run_dir: Path, setup: Training, state: TrainState) -> None:
+def _resume(run_dir: Path, setup: Training, state: TrainState, command: str = Run.command) -> None:
     """Restore `last` (rank 0 reads it, every rank gets it); a run folder without one (the run died before its
     first checkpoint) starts over. Rank r resumes the r-th random stream the checkpoint holds (saved by as many
     ranks as it was trained with); a rank it holds none for starts a new one."""
@@ -227,6 +242,9 @@ def _resume(run_dir: Path, setup: Training, state: TrainState) -> None:
     checkpoint = distributed.on_main(lambda: _read_last(run_dir))
     if checkpoint is None:
         return
+    made_by = checkpoint.get("command", Run.command)  # checkpoints from before pretraining came from fgvc.train
+    if made_by != command:
+        raise RunError(f"{run_dir} is a run of {made_by}; continue it with: python -m {made_by} --resume {run_dir}")
     optimization = setup.optimization
     setup.model.load_state_dict(checkpoint["model"])
     optimization.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -263,18 +281,18 @@ def _read_last(run_dir: Path) -> dict | None:
     return load_checkpoint(run_dir / LAST)
 
 
-def unused_run_folder(cfg: Config) -> Path:
+def unused_run_folder(cfg: Config, command: str = "fgvc.train") -> Path:
     """The run folder a new run of `cfg` makes, refused when it holds anything."""
     run_dir = run_folder(cfg)
-    refuse_used(run_dir)
+    refuse_used(run_dir, command)
     return run_dir
 
 
-def refuse_used(run_dir: Path) -> None:
+def refuse_used(run_dir: Path, command: str = "fgvc.train") -> None:
     """A new run never writes into a folder that holds anything."""
     if run_dir.exists() and any(run_dir.iterdir()):
         raise OutputExists(f"run folder {run_dir} already exists and is not empty; choose another run_name, or "
-                           f"continue it with: python -m fgvc.train --resume {run_dir}")
+                           f"continue it with: python -m {command} --resume {run_dir}")
 
 
 def create_run_dir(run_dir: Path, cfg: Config) -> Path:

@@ -55,6 +55,17 @@ class FGVCModel(nn.Module):
         outputs = self.head(batch[FEATURES_KEY]) if FEATURES_KEY in batch else self.single_pass(batch["image"])
         return outputs, self.head.training_losses(self.single_pass, batch, outputs, criterion)
 
+    # The per-image means training reports beside the loss (batch_statistics' keys): logged and shown in progress.
+    running_statistics = ("top1",)
+
+    @staticmethod
+    def batch_statistics(outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        """Top-1 (%) of the training pass's logits on the batch's (unmixed) labels."""
+        return {"top1": 100.0 * (outputs["logits"].argmax(dim=1) == batch["label"]).float().mean()}
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after optimizer step `step` (0-based); a classifier has nothing to update then."""
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The trainable parameters by role: "backbone" (what pretrained weights initialize) and "head" (layers that
         are new for this task), so optimizers can treat them apart without knowing the model's structure."""
