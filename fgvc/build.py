@@ -631,7 +631,8 @@ def check_pretraining(cfg: Config) -> type[SSLMethod]:
         "model.feature_stage": (cfg.model.feature_stage is not None,
                                 "pretraining trains the whole backbone, whose weights it hands on"),
         "optim.layer_decay": (cfg.optim.layer_decay is not None, "pretraining trains every layer at one lr"),
-        "transfer.mode": (cfg.transfer.mode != default.transfer.mode, "pretraining trains the whole backbone"),
+        "transfer": (cfg.transfer != default.transfer, "pretraining trains the whole backbone (no frozen part, no "
+                                                       "feature cache)"),
         "regularization": (any(getattr(cfg.regularization, key) > 0 for key in
                                ("mixup_alpha", "cutmix_alpha", "snapmix_prob")),
                            "mixup, cutmix and snapmix mix labels, which pretraining has none of"),
@@ -665,6 +666,8 @@ def monitors(cfg: Config, dataset: Dataset) -> bool:
     if cfg.ssl.monitor and not labeled:
         raise ConfigError(f"ssl.monitor: {cfg.data.dataset} has no labels, which the k-NN monitor needs; set "
                           "ssl.monitor=false")
+    if cfg.ssl.monitor and cfg.data.val_fraction == 0:
+        raise ConfigError("ssl.monitor: the k-NN monitor runs on the val split, and data.val_fraction=0 carves none")
     return cfg.ssl.monitor
 
 

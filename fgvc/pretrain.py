@@ -36,8 +36,8 @@ def format_results(result: RunResult) -> str:
         lines.append(f"k-NN (k {evaluations['knn']['k']}) test top-1 {evaluations['knn']['top1']:.2f}%")
     if "linear" in evaluations:
         linear = evaluations["linear"]
-        lines.append(f"linear probe test top-1 {linear['test']['top1']:.2f}% (val {linear['val']['top1']:.2f}%; "
-                     f"{linear['run_dir']})")
+        val = f"val {linear['val']['top1']:.2f}%; " if linear["val"] is not None else ""  # data.val_fraction=0: none
+        lines.append(f"linear probe test top-1 {linear['test']['top1']:.2f}% ({val}{linear['run_dir']})")
     lines += ["next:", f"  python -m fgvc.train model.pretrained_file={result.run_dir / results['backbone_file']} "
                        "model.backbone=<the same>"]
     return "\n".join(lines)

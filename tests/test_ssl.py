@@ -20,6 +20,7 @@ from fgvc import train as train_cli
 from fgvc.build import build_backbone, build_method, check_pretraining
 from fgvc.config import ConfigError, load_config
 from fgvc.engine.checkpoint import load_checkpoint
+from fgvc.engine.loop import Runtime
 from fgvc.engine.pretraining import BACKBONE_FILE, Collapsed, CollapseGuard, pretrain
 from fgvc.ssl import METHODS, SSLMethod
 from fgvc.ssl.losses import nt_xent
@@ -183,6 +184,9 @@ class _TokenMethod(SSLMethod):
     (["--method", "simclr", "model.head=isqrt"], "model.head: pretraining trains no classifier head"),
     (["--method", "simclr", "regularization.mixup_alpha=0.2"], "regularization: mixup, cutmix and snapmix mix labels"),
     (["--method", "simclr", "ssl.eval=[linear,linear]"], "must name each of linear, knn at most"),
+    (["--method", "simclr", "transfer.cache_features=true"], "transfer: pretraining trains the whole backbone"),
+    (["--method", "simclr", "ssl.knn_temperature=0"], "ssl.knn_temperature must be positive, got 0"),
+    (["--method", "byol", "ssl.byol.hidden_dim=-4"], "ssl.byol.hidden_dim must be at least 1, got -4"),
     (["--method", "simclr", "ssl.views_in_box=true", "--dataset", "unlabeled"],
      "ssl.views_in_box: unlabeled has no object boxes"),
 ])
@@ -237,3 +241,17 @@ def test_pretraining_config_needs_no_ssl_section_in_older_runs() -> None:
     assert fgvc.config.from_dict(saved).ssl == load_config(None).ssl
     with pytest.raises(ConfigError, match="ssl.moco.queue_size must be at least 1"):
         load_config(None, ["ssl.moco.queue_size=0"])
+
+
+def test_the_monitor_needs_a_val_split(small_birds: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ssl_overrides(small_birds, tmp_path, "novals", "simclr", "ssl.monitor=true", "data.val_fraction=0")
+    assert pretrain_cli.main(args) == 2
+    assert "ssl.monitor: the k-NN monitor runs on the val split, and data.val_fraction=0 carves none" in \
+        capsys.readouterr().err
+
+
+def test_views_reach_the_device_in_the_runtime_memory_format() -> None:
+    runtime = Runtime(torch.device("meta"), channels_last=True)
+    batch = runtime.batch({"views": [torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)], "index": torch.arange(2)})
+    assert all(view.device.type == "meta" and view.is_contiguous(memory_format=torch.channels_last)
+               for view in batch["views"])

@@ -101,8 +101,8 @@ class Distributed:
     def gather_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(every rank's `rows` stacked in rank order, where this rank's begin), on every rank. Ranks may hold
         different numbers of rows. The gradient flows back to each rank's own rows, summed over the ranks whose
-        losses used them: contrastive negatives gathered this way give every rank's loss the global batch, and DDP's
-        averaged gradients are then those of the global loss (as in one process)."""
+        losses used them: contrastive negatives gathered this way give every rank's loss the global batch, and with
+        equal parts per rank DDP's averaged gradients are those of the global loss (as in one process)."""
         if not self.active:
             return rows, 0
         counts = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(self.world_size)]

@@ -61,9 +61,13 @@ class Runtime:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def batch(self, batch: dict) -> dict:
+        """The batch's tensors on the device; its images ("image", or the list of a self-supervised batch's
+        "views") in the runtime's memory format."""
         moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         if "image" in moved:  # a batch of cached features has none
             moved["image"] = self.images(moved["image"])
+        if "views" in moved:
+            moved["views"] = [self.images(view) for view in moved["views"]]
         return moved
 
 

@@ -41,8 +41,8 @@ def mlp(dims: list[int], *, batch_norm: bool = True, last_batch_norm: bool = Fal
 
 
 def cosine_momentum(base: float, step: int, total_steps: int) -> float:
-    """BYOL's schedule of the target's EMA coefficient: 1 - (1 - base) (cos(pi k / K) + 1) / 2 at step k of K, from
-    `base` at the first step to 1 at the last."""
+    """BYOL's schedule of the target's EMA coefficient: 1 - (1 - base) (cos(pi k / K) + 1) / 2 at step k (0-based)
+    of K, from `base` at the first step towards 1 at k = K, the end of the run."""
     return 1 - (1 - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
 
 
