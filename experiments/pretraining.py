@@ -113,6 +113,8 @@ def pretrained(scratch: Path, seed: int, method: str, in_box: bool, epochs: int)
 
 
 def steps_per_epoch(cfg: Config) -> int:
+    """Optimizer steps an epoch: the train split carved from the generated train images (data.val_fraction per
+    class, as fgvc.data.splits does), in whole batches."""
     images = round(cfg.data.synthbirds.num_classes * cfg.data.synthbirds.images_per_class
                    * cfg.data.synthbirds.train_fraction * (1 - cfg.data.val_fraction))
     return images // cfg.data.batch_size

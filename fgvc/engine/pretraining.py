@@ -17,7 +17,6 @@ from fgvc.engine.trainer import Run, RunError, RunResult, run_task, train
 from fgvc.files import write_atomically
 
 BACKBONE_FILE = "backbone.safetensors"
-PROBE_DIR = "linear_probe"
 
 
 def pretrain(cfg: Config, *, resume_dir: str | Path | None = None, stop_after_steps: int | None = None) -> RunResult:
@@ -102,6 +101,6 @@ class PretrainingRun(Run):
         """fgvc.train's linear probe of the backbone file in the run folder (resumed when an earlier attempt of it
         was interrupted)."""
         probe = probe_config(self.setup.config, backbone_file, self.run_dir)
-        probe_dir = self.run_dir / PROBE_DIR
+        probe_dir = Path(probe.output_dir) / probe.run_name
         started = self.distributed.from_main((probe_dir / "config.yaml").is_file())
         return train(probe, resume_dir=probe_dir if started else None)

@@ -11,6 +11,7 @@ a fgvc.models.Backbone; `backbone_weights()` is what the hand-off file holds, th
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 from typing import Any
@@ -69,7 +70,7 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.detach().float(), dim=1).std(dim=0, correction=0).mean()
 
 
-class SSLMethod(nn.Module):
+class SSLMethod(nn.Module, abc.ABC):
     """A self-supervised method on a backbone: subclasses define `heads()` (the new layers, by name) and
     `views_loss(views)` -> (loss, online embedding of the first view)."""
 
@@ -93,8 +94,9 @@ class SSLMethod(nn.Module):
         """B x C global-average-pooled backbone features: what the projector reads."""
         return self.backbone(images).mean(dim=(2, 3))
 
+    @abc.abstractmethod
     def views_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(The method's loss on the batch's views, the online embedding of the first view.)"""
 
     def training_step(self, batch: dict, criterion: Any = None) -> tuple[dict, dict[str, torch.Tensor]]:
         """The method's loss on batch["views"]; `criterion` is the engine's and unused (the loss is the method's)."""
@@ -108,8 +110,9 @@ class SSLMethod(nn.Module):
     def after_optimizer_step(self, step: int) -> None:
         """Called after optimizer step `step` (0-based): momentum encoders move here."""
 
+    @abc.abstractmethod
     def heads(self) -> dict[str, nn.Module]:
-        raise NotImplementedError
+        """The method's new layers (projector, predictor) by name."""
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The trainable parameters: "backbone", and "head" (projector, predictor: the new layers)."""
