@@ -34,6 +34,7 @@ from fgvc.data.splits import check_split
 from fgvc.data.transforms import INTERPOLATIONS, PartAwareTransform, Preprocessing, eval_transform, train_transform
 from fgvc.engine.checkpoint import load_checkpoint
 from fgvc.engine.distributed import Distributed, DistributedStep
+from fgvc.engine.localization import attention_localization, meter_for
 from fgvc.engine.logging import echo
 from fgvc.engine.loop import Optimization, Runtime
 from fgvc.engine.optim import build_optimizer, build_scheduler, layer_decay_scales, parameter_groups
@@ -44,7 +45,7 @@ from fgvc.models import HEADS, FGVCModel, create_backbone
 from fgvc.models.backbone import Backbone, check_backbone_name
 from fgvc.registry import Registry, UnknownName
 from fgvc.ssl import METHODS, SSLMethod
-from fgvc.ssl.views import MultiViewTransform, method_views
+from fgvc.ssl.views import LOCAL_VIEW, LocalCrops, MultiViewTransform, adjusted, method_views
 from fgvc.transfer.advise import Measurement
 from fgvc.transfer.features import (
     CACHE_DTYPES,
@@ -373,7 +374,8 @@ def build_optimization(cfg: Config, model: FGVCModel, steps_per_epoch: int) -> O
     scheduler = build_scheduler(optimizer, epochs=schedule.epochs, steps_per_epoch=steps_per_epoch,
                                 warmup_epochs=schedule.warmup_epochs, base_lr=optim.lr, min_lr=schedule.min_lr)
     scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" else None
-    return Optimization(optimizer, scheduler, cfg.train.grad_accum, scaler)
+    with config_keys("optim"):
+        return Optimization(optimizer, scheduler, cfg.train.grad_accum, scaler, optim.clip_grad, optim.clip_mode)
 
 
 def run_folder(cfg: Config) -> Path:
@@ -646,16 +648,61 @@ def check_pretraining(cfg: Config) -> type[SSLMethod]:
                           "once")
     with config_keys("model"):
         check_backbone_name(cfg.model.backbone)
-    if method.needs_tokens and not is_vit(cfg.model.backbone):
-        raise ConfigError(f"ssl.method: {cfg.ssl.method} needs a ViT backbone (patch tokens), and "
-                          f"model.backbone {cfg.model.backbone} is not one; e.g. --model vit_small_patch16_224")
+    if method.needs_tokens:
+        check_patches(cfg, "data.image_size", cfg.data.image_size)
+    if cfg.ssl.local_crops and not method.local_crops:
+        raise ConfigError(f"ssl.local_crops: {cfg.ssl.method} takes no local crops; multi-crop is DINO's "
+                          "(--method dino)")
     return method
 
 
-def is_vit(backbone: str) -> bool:
-    """Whether timm's `backbone` cuts images into patch tokens (a ViT, DeiT, ...): built on the meta device."""
-    with torch.device("meta"):
-        return hasattr(timm.create_model(backbone.split(".", 1)[0], num_classes=0), "patch_embed")
+def check_patches(cfg: Config, key: str, size: int) -> int:
+    """The patch side of model.backbone, which must be a ViT's and divide `size` (the value of `key`)."""
+    patches = patch_size(cfg.model)
+    if patches is None:
+        raise ConfigError(f"ssl.method: {cfg.ssl.method} needs a ViT backbone (patch tokens), and "
+                          f"model.backbone {cfg.model.backbone} is not one; e.g. --model vit_small_patch16_224")
+    if size % patches[0] or size % patches[1]:
+        raise ConfigError(f"{key}: {size} px crops cannot be cut into the {patches[0]} px patches of "
+                          f"{cfg.model.backbone}; use a multiple of {patches[0]}")
+    return patches[0]
+
+
+def patch_size(model: ModelConfig) -> tuple[int, int] | None:
+    """The (height, width) of the patches model.* cuts images into (a ViT, DeiT, ...), or None for a backbone
+    without patch tokens: built on the meta device."""
+    try:
+        with torch.device("meta"):
+            built = timm.create_model(model.backbone.split(".", 1)[0], num_classes=0, **model.backbone_args)
+    except (TypeError, AssertionError) as error:  # timm asserts on some arguments (a width its heads do not divide)
+        raise ConfigError(f"model.backbone_args: {model.backbone_args} not taken by {model.backbone} "
+                          f"({error or 'refused by an assertion'})") from None
+    embedding = getattr(built, "patch_embed", None)
+    return tuple(embedding.patch_size) if embedding is not None and hasattr(embedding, "patch_size") else None
+
+
+# DINO's local crops are 96 px for 224 px global crops.
+LOCAL_SHARE = 96 / 224
+
+
+def local_crops(cfg: Config, method: type[SSLMethod], dataset: Dataset) -> LocalCrops | None:
+    """The local crops of a multi-crop method (None for the others), at ssl.local_size or the patch multiple
+    nearest to LOCAL_SHARE of the global size, checked against the patches."""
+    ssl = cfg.ssl
+    count = ssl.local_crops if ssl.local_crops is not None else method.local_crops
+    if count == 0:
+        if ssl.local_crops_on_parts:
+            raise ConfigError("ssl.local_crops_on_parts: there are no local crops to centre (ssl.local_crops=0, or "
+                              f"{ssl.method} takes none)")
+        return None
+    if ssl.local_crops_on_parts and dataset.part_names is None:
+        raise ConfigError(f"ssl.local_crops_on_parts: {cfg.data.dataset} has no part keypoints to centre the local "
+                          "crops on (CUB and synthbirds have them)")
+    patch = patch_size(cfg.model)[0]
+    size = ssl.local_size or max(patch, round(cfg.data.image_size * LOCAL_SHARE / patch) * patch)
+    check_patches(cfg, "ssl.local_size", size)
+    recipe = adjusted(LOCAL_VIEW, crop_scale=ssl.local_crop_scale, hue=ssl.hue, grayscale=ssl.grayscale)
+    return LocalCrops(recipe, size, count, on_parts=ssl.local_crops_on_parts, part_jitter=ssl.part_jitter)
 
 
 def monitors(cfg: Config, dataset: Dataset) -> bool:
@@ -671,13 +718,19 @@ def monitors(cfg: Config, dataset: Dataset) -> bool:
     return cfg.ssl.monitor
 
 
-def build_method(cfg: Config, method: type[SSLMethod], total_steps: int,
+def build_method(cfg: Config, method: type[SSLMethod], *, total_steps: int, steps_per_epoch: int,
                  distributed: Distributed | None = None) -> SSLMethod:
-    """The ssl.method on model.*'s backbone, with its section's options (ssl.<method>.*)."""
+    """The ssl.method on model.*'s backbone, with its section's options (ssl.<method>.*) and, where it takes them,
+    the run's length (its momentum and temperature schedules span the run)."""
     options = dataclasses.asdict(getattr(cfg.ssl, cfg.ssl.method))
-    if "total_steps" in inspect.signature(method).parameters:  # its momentum schedule spans the run
-        options["total_steps"] = total_steps
-    backbone = build_backbone(cfg.model, image_size=cfg.data.image_size)
+    parameters = inspect.signature(method).parameters
+    for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
+        if name in parameters:
+            options[name] = value
+    model = cfg.model
+    if method.local_crops:  # multi-crop: the position embeddings are resampled to each crop's grid of patches
+        model = dataclasses.replace(model, backbone_args={**model.backbone_args, "dynamic_img_size": True})
+    backbone = build_backbone(model, image_size=cfg.data.image_size)
     with config_keys(f"ssl.{cfg.ssl.method}"):
         return method(backbone, distributed=distributed, **options)
 
@@ -703,12 +756,13 @@ def build_pretraining(cfg: Config, distributed: Distributed | None = None) -> Tr
     monitor = monitors(cfg, dataset)
     with config_keys("ssl"):
         views = method_views(ssl.method, crop_scale=ssl.crop_scale, hue=ssl.hue, grayscale=ssl.grayscale)
-    transform = MultiViewTransform(views, cfg.data.image_size, views_in_box=ssl.views_in_box,
-                                   preprocessing=preprocessing)
+    transform = MultiViewTransform(views, cfg.data.image_size, local=local_crops(cfg, method_class, dataset),
+                                   views_in_box=ssl.views_in_box, preprocessing=preprocessing)
     loader = shuffled_loader(cfg, dataset, transform, runtime.device, distributed, split)
     steps_per_epoch = -(-loader.batches_per_epoch // train.grad_accum)
-    method = distributed.main_first(lambda: build_method(cfg, method_class, steps_per_epoch * cfg.schedule.epochs,
-                                                         distributed))
+    method = distributed.main_first(lambda: build_method(
+        cfg, method_class, total_steps=steps_per_epoch * cfg.schedule.epochs, steps_per_epoch=steps_per_epoch,
+        distributed=distributed))
     method = placed(method, cfg, runtime)
     reseed_rank(cfg, distributed)
     return Training(
@@ -781,14 +835,14 @@ class LoadedModel:
 
 
 def load_model(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: str | None = None,
-               distributed: Distributed | None = None) -> LoadedModel:
+               distributed: Distributed | None = None, state: dict | None = None) -> LoadedModel:
     """A run's checkpoint (best.pt or last.pt) rebuilt as it was trained, in eval mode. `data_root` replaces the
-    run's data.root (the data moved). Under torchrun (`distributed`), on the rank's own GPU."""
-    state = load_checkpoint(checkpoint)
-    cfg = from_dict(state["config"], f"the config stored in {checkpoint}")
-    if data_root is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=data_root))
-    runtime = build_runtime(cfg, device, distributed)
+    run's data.root (the data moved). Under torchrun (`distributed`), on the rank's own GPU. `state`: the
+    checkpoint, when it was already read."""
+    state, cfg, runtime = stored_run(checkpoint, state, device=device, data_root=data_root, distributed=distributed)
+    if is_pretraining(state):
+        raise ConfigError(f"{checkpoint} is a checkpoint of python -m fgvc.pretrain, which has no classifier: its run "
+                          "folder's backbone.safetensors trains one (model.pretrained_file)")
     # The weights come from the checkpoint: no hub download, and no pretrained_file that may have moved since.
     architecture = without_weights(cfg.model)
     model = build_model(architecture, len(state["classes"]), image_size=cfg.data.image_size).to(runtime.device)
@@ -796,6 +850,65 @@ def load_model(checkpoint: str | os.PathLike, *, device: str = "auto", data_root
         model = model.to(memory_format=torch.channels_last)
     model.load_state_dict(state["model"])
     return LoadedModel(model.eval(), list(state["classes"]), cfg, runtime, build_preprocessing(cfg))
+
+
+def stored_run(checkpoint: str | os.PathLike, state: dict | None, *, device: str = "auto",
+               data_root: str | None = None, distributed: Distributed | None = None) -> tuple[dict, Config, Runtime]:
+    """(The checkpoint, read unless given; its config, with data.root replaced by `data_root` if given; the
+    runtime it runs on here)."""
+    state = state if state is not None else load_checkpoint(checkpoint)
+    cfg = from_dict(state["config"], f"the config stored in {checkpoint}")
+    if data_root is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=data_root))
+    return state, cfg, build_runtime(cfg, device, distributed)
+
+
+PRETRAINING_COMMAND = "fgvc.pretrain"  # what a pretraining run's checkpoints say made them
+
+
+def is_pretraining(state: dict) -> bool:
+    """Whether a checkpoint (as load_checkpoint reads it) is a pretraining run's."""
+    return state.get("command") == PRETRAINING_COMMAND
+
+
+@dataclass
+class LoadedMethod:
+    """A pretraining run's method (backbone, heads, momentum copies) in eval mode on its device, with the run's
+    config and the evaluation transform of its data."""
+
+    method: SSLMethod
+    config: Config
+    runtime: Runtime
+    preprocessing: Preprocessing
+
+    def transform(self, part_names: list[str] | None = None) -> PartAwareTransform:
+        """The run's evaluation preprocessing for raw samples (fgvc.data); with `part_names`, parts move too."""
+        return build_eval_transform(self.config.data, self.preprocessing, part_names)
+
+
+def load_pretraining(checkpoint: str | os.PathLike, *, device: str = "auto", data_root: str | None = None,
+                     state: dict | None = None) -> LoadedMethod:
+    """A pretraining run's checkpoint (its last.pt) rebuilt as it was trained, in eval mode (see load_model)."""
+    state, cfg, runtime = stored_run(checkpoint, state, device=device, data_root=data_root)
+    if not is_pretraining(state):
+        raise ConfigError(f"{checkpoint} is not a checkpoint of python -m fgvc.pretrain")
+    method_class = registered(METHODS, cfg.ssl.method, "ssl.method")
+    # The schedules' lengths only matter while training.
+    method = build_method(dataclasses.replace(cfg, model=without_weights(cfg.model)), method_class,
+                          total_steps=1, steps_per_epoch=1)
+    method.load_state_dict(state["model"])
+    return LoadedMethod(method.to(runtime.device).eval(), cfg, runtime, build_preprocessing(cfg))
+
+
+def attention_metrics(cfg: Config, backbone: Backbone, runtime: Runtime, split: str = "test") -> dict[str, float]:
+    """peak_in_box and peak_on_part (fgvc.engine.localization) of a ViT backbone's class-token attention over
+    cfg.data's `split`: where a self-supervised ViT looks, with no label used to make the maps."""
+    dataset = build_dataset(cfg.data, split)
+    meter = meter_for(dataset)
+    if meter is None:
+        raise ConfigError(f"{cfg.data.dataset} has no object boxes or part keypoints to measure attention against")
+    loader = build_eval_loader(cfg, dataset, build_preprocessing(cfg), split=split)
+    return attention_localization(backbone, loader, runtime.batch, meter)
 
 
 def dataset_for(loaded: LoadedModel, split: str) -> Dataset:

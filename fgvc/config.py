@@ -113,6 +113,11 @@ class OptimConfig:
     # Layer-wise lr decay (BEiT, MAE; 0.65-0.75 typical): backbone layer l of L (timm's fine groups) at
     # lr x decay^(L - l), new layers at lr (x head_lr_mult). null: off.
     layer_decay: Optional[float] = None
+    # Gradient clipping before each step (null: off): "norm" rescales all gradients so that their global L2 norm is
+    # at most clip_grad (torch's clip_grad_norm_), "parameter" clips each parameter's gradient norm on its own
+    # (DINO's, at 3.0).
+    clip_grad: Optional[float] = None
+    clip_mode: str = "norm"
 
 
 @dataclass
@@ -189,11 +194,37 @@ class SimSiamConfig:
 
 
 @dataclass
+class DINOConfig:
+    out_dim: int = 65536  # prototypes
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True  # the prototypes' weight-norm magnitude fixed at 1
+    freeze_last_layer: int = 1  # epochs in which the prototypes do not train
+    momentum: float = 0.996  # the teacher's EMA coefficient at the first step; cosine to 1 at the last
+    student_temp: float = 0.1
+    # The teacher's temperature, reached linearly from warmup_teacher_temp over warmup_teacher_temp_epochs (the
+    # paper's ViT-S/16 recipe: 0.04 -> 0.07 over 30 epochs).
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix: bool = True  # targets: each patch's pixels normalized by their own mean and variance
+
+
+@dataclass
 class SSLConfig:
     """Self-supervised pretraining (python -m fgvc.pretrain; fgvc.ssl). Each method's section holds the published
     defaults (shared/REFERENCE.md section 7); the CPU recipes scale them down."""
 
-    method: str = "simclr"  # simclr, moco, byol, simsiam
+    method: str = "simclr"  # simclr, moco, byol, simsiam, dino, mae
     # Draw every view's crop from the object box (datasets with boxes: CUB, Cars, Aircraft, synthbirds).
     views_in_box: bool = False
     # In place of the method's view recipe (null: the paper's): the crop scale range, the colour jitter's hue and
@@ -201,6 +232,14 @@ class SSLConfig:
     crop_scale: Optional[list[float]] = None
     hue: Optional[float] = None
     grayscale: Optional[float] = None
+    # Multi-crop (DINO): local crops per image besides the 2 global ones (null: the method's; DINO 8), their side
+    # in px (null: 96/224 of data.image_size, rounded to a multiple of the patch size) and area range.
+    local_crops: Optional[int] = None
+    local_size: Optional[int] = None
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    # Centre each local crop on a visible part keypoint (CUB, synthbirds), moved by up to part_jitter x its side.
+    local_crops_on_parts: bool = False
+    part_jitter: float = 0.25
     include_val: bool = False  # pretrain on the val split's images too (the test split's never)
     # The weighted k-NN of the backbone's features on the val split after every epoch (labels read by it alone).
     # null: on when the dataset has labels and data.val_fraction carves a val split.
@@ -220,6 +259,8 @@ class SSLConfig:
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     byol: BYOLConfig = field(default_factory=BYOLConfig)
     simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
 
 
 @dataclass
@@ -292,8 +333,17 @@ DEFAULT_RECIPES = {None: QUICK_START, "synthbirds": QUICK_START, "cub200": "cub2
 BASE_KEY = "base"
 
 
-# The recipe `python -m fgvc.pretrain` uses without --config: synthbirds' CPU recipe, for any --method.
+# The recipe `python -m fgvc.pretrain` uses without --config: synthbirds' CPU recipe, for the CNN methods.
 PRETRAIN_RECIPES = {None: "synthbirds/pretrain.yaml", "synthbirds": "synthbirds/pretrain.yaml"}
+# The ViT methods' CPU recipes on synthbirds (`--method dino` or `--method mae` without --config).
+METHOD_PRETRAIN_RECIPES = {"dino": "synthbirds/pretrain_dino.yaml", "mae": "synthbirds/pretrain_mae.yaml"}
+
+
+def pretrain_recipes(method: str | None) -> dict[str | None, str]:
+    """The default pretraining recipes (PRETRAIN_RECIPES) for `--method`: synthbirds' is the method's own where it
+    has one."""
+    recipe = METHOD_PRETRAIN_RECIPES.get(method)
+    return PRETRAIN_RECIPES if recipe is None else {**PRETRAIN_RECIPES, None: recipe, "synthbirds": recipe}
 
 
 def default_recipe(dataset: str | None, recipes: dict[str | None, str] = DEFAULT_RECIPES) -> Path | None:
@@ -445,6 +495,18 @@ RANGES: dict[str, tuple[Any, str]] = {
     "ssl.moco.momentum": ((lambda value: 0 <= value <= 1), "in [0, 1]"),
     "ssl.moco.queue_size": _at_least(1), "ssl.moco.key_bn_groups": _at_least(1),
     "ssl.byol.momentum": ((lambda value: 0 <= value <= 1), "in [0, 1]"),
+    "optim.clip_grad": _optional((lambda value: value > 0, "positive")),
+    "ssl.local_crops": _optional(_at_least(0)), "ssl.local_size": _optional(_at_least(1)),
+    "ssl.local_crop_scale": ((lambda value: len(value) == 2 and 0 < value[0] <= value[1] <= 1),
+                             "[low, high] with 0 < low <= high <= 1"),
+    "ssl.part_jitter": ((lambda value: 0 <= value < 0.5), "in [0, 0.5) (the part stays inside its crop)"),
+    **{f"ssl.{key}": _at_least(1) for key in ("dino.out_dim", "dino.hidden_dim", "dino.bottleneck_dim",
+                                              "mae.decoder_dim", "mae.decoder_depth", "mae.decoder_heads")},
+    **{f"ssl.dino.{key}": ((lambda value: value > 0), "positive")
+       for key in ("student_temp", "teacher_temp", "warmup_teacher_temp")},
+    **{f"ssl.dino.{key}": ((lambda value: 0 <= value <= 1), "in [0, 1]") for key in ("momentum", "center_momentum")},
+    "ssl.dino.freeze_last_layer": _at_least(0), "ssl.dino.warmup_teacher_temp_epochs": _at_least(0),
+    "ssl.mae.mask_ratio": ((lambda value: 0 < value < 1), "in (0, 1)"),
 }
 
 
@@ -462,7 +524,8 @@ def range_problem(cfg: Config) -> str | None:
 # checkpoint rebuilt at a new default would load its weights without complaint and predict wrongly.
 KEYS_ADDED_LATER = {"model.output_stride": None, "data.mean": [0.485, 0.456, 0.406],
                     "data.std": [0.229, 0.224, 0.225], "data.interpolation": "bilinear", "optim.layer_decay": None,
-                    "model.pretrained_package": None, "train.sync_batchnorm": False}
+                    "model.pretrained_package": None, "train.sync_batchnorm": False,
+                    "optim.clip_grad": None}
 # Sections added later: a run saved before one existed trained as its defaults say (transfer: everything trains).
 SECTIONS_ADDED_LATER = ("transfer", "ssl")
 

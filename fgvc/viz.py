@@ -98,6 +98,26 @@ def attention_figure(image: np.ndarray, maps: Sequence[tuple[str, np.ndarray]], 
     return figure
 
 
+def image_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], column_titles: Sequence[str], *,
+               panel_inches: float = 1.6, dpi: int = 100) -> Figure:
+    """Pictures in a grid, one row per (label, images), the columns titled: e.g. MAE's input, masked input and
+    reconstructions of a few images."""
+    columns = len(column_titles)
+    figure = Figure(figsize=(columns * panel_inches + 1.2, len(rows) * panel_inches + 0.4), dpi=dpi,
+                    layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(rows), columns, squeeze=False)
+    for row, (label, images) in enumerate(rows):
+        for column, (ax, image) in enumerate(zip(axes[row], images, strict=True)):
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(column_titles[column], fontsize=8)
+        axes[row][0].set_ylabel(textwrap.fill(label, 18), fontsize=7)
+    return figure
+
+
 def confusion_figure(confusion: np.ndarray | torch.Tensor, classes: Sequence[str], *, dpi: int = 100) -> Figure:
     """Row-normalized confusion matrix (each true class sums to 1), class names on the axes up to 40 classes."""
     counts = np.asarray(confusion, dtype=np.float64)

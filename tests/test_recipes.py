@@ -43,8 +43,8 @@ def flatten(values: dict, prefix: str = "") -> dict:
 BEFORE = json.loads((Path(__file__).parent / "data" / "recipes_before.json").read_text())
 SCRATCH_PRESET = "synthbirds/scratch_isqrt.yaml"
 NEW_KEYS = {"data.mean": None, "data.std": None, "data.interpolation": None, "optim.layer_decay": None,
-            "model.pretrained_package": None, "train.sync_batchnorm": False,
-            "data.synthbirds.class_offset": 0, "data.synthbirds.domain": "standard",
+            "model.pretrained_package": None, "train.sync_batchnorm": False, "optim.clip_grad": None,
+            "optim.clip_mode": "norm", "data.synthbirds.class_offset": 0, "data.synthbirds.domain": "standard",
             **{f"transfer.{f.name}": f.default for f in dataclasses.fields(TransferConfig)},
             **flatten({"ssl": dataclasses.asdict(SSLConfig())})}
 HEAD_KEYS = {"model.head_dim", "model.isqrt_iterations", "model.num_attention_maps",

@@ -22,7 +22,7 @@ from fgvc.config import ConfigError, load_config
 from fgvc.engine.checkpoint import load_checkpoint
 from fgvc.engine.loop import Runtime
 from fgvc.engine.pretraining import BACKBONE_FILE, Collapsed, CollapseGuard, pretrain
-from fgvc.ssl import METHODS, SSLMethod
+from fgvc.ssl import SSLMethod
 from fgvc.ssl.losses import nt_xent
 from tests.test_training import assert_bitwise_equal
 
@@ -41,22 +41,14 @@ def pretrain_config(root: Path, output: Path, name: str, method: str, *extra: st
     return load_config("synthbirds/pretrain", ssl_overrides(root, output, name, method, *extra))
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_a_few_steps_lower_the_loss_on_a_tiny_model(small_birds: Path, tmp_path: Path, method: str) -> None:
-    """The method's own loss on one fixed batch of views, before and after 10 AdamW steps on it."""
-    cfg = pretrain_config(small_birds, tmp_path, "steps", method, "train.channels_last=false")
-    torch.manual_seed(0)
-    model = build_method(cfg, check_pretraining(cfg), total_steps=10)
-    views = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+def assert_steps_lower_the_loss(model: SSLMethod, views: list[torch.Tensor], reset=lambda: None) -> None:
+    """The method's own loss on one fixed batch of views falls over 10 AdamW steps on it (the engine's hooks around
+    each step); `reset` runs before every loss, with torch's seed fixed."""
     optimizer = torch.optim.AdamW([p for group in model.parameter_groups().values() for p in group], lr=1e-3)
 
-    queue = {name: value.clone() for name, value in model.state_dict().items() if name.startswith("queue.")}
-
     def loss() -> torch.Tensor:
-        # MoCo: the same key shuffle and the same queue each time (each step would queue this batch's keys again,
-        # until its negatives were its positives).
         torch.manual_seed(1)
-        model.load_state_dict(queue, strict=False)
+        reset()
         return model.training_step({"views": views})[1]["loss"]
 
     model.train()
@@ -64,9 +56,22 @@ def test_a_few_steps_lower_the_loss_on_a_tiny_model(small_birds: Path, tmp_path:
     for step in range(10):
         optimizer.zero_grad()
         loss().backward()
+        model.before_optimizer_step(step)
         optimizer.step()
         model.after_optimizer_step(step)
     assert loss().item() < before - 1e-3, (before, loss().item())
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_a_few_steps_lower_the_loss_on_a_tiny_model(small_birds: Path, tmp_path: Path, method: str) -> None:
+    cfg = pretrain_config(small_birds, tmp_path, "steps", method, "train.channels_last=false")
+    torch.manual_seed(0)
+    model = build_method(cfg, check_pretraining(cfg), total_steps=10, steps_per_epoch=5)
+    queue = {name: value.clone() for name, value in model.state_dict().items() if name.startswith("queue.")}
+    # MoCo: the same key shuffle and the same queue each time (each step would queue this batch's keys again, until
+    # its negatives were its positives).
+    assert_steps_lower_the_loss(model, [torch.randn(8, 3, 32, 32) for _ in range(2)],
+                                lambda: model.load_state_dict(queue, strict=False))
 
 
 def run_pretraining(root: Path, output: Path, name: str, method: str, *, stop_after: int | None = None, extra=()):
@@ -88,19 +93,22 @@ def test_pretraining_resumes_bitwise(small_birds: Path, tmp_path: Path, method: 
     assert len({file.read_bytes() for file in weights}) == 1
 
 
-def test_the_backbone_file_loads_into_create_model_with_the_same_outputs(small_birds: Path, tmp_path: Path) -> None:
-    result = run_pretraining(small_birds, tmp_path, "handoff", "simclr", extra=("schedule.epochs=1",))
-    state = load_checkpoint(result.run_dir / "last.pt")["model"]
-    prefix = "backbone."
-    pretrained = load_config("synthbirds/pretrain", ssl_overrides(small_birds, tmp_path, "x", "simclr"))
-    backbone = build_backbone(pretrained.model, image_size=32)
+def assert_same_backbone(run_dir: Path, model: fgvc.FGVCModel, prefix: str = "backbone.") -> None:
+    """`model`'s backbone computes what the pretraining run's last checkpoint's backbone under `prefix` (the online
+    one by default) computes, at 32 px."""
+    state = load_checkpoint(run_dir / "last.pt")["model"]
+    backbone = build_backbone(fgvc.config.load_run_config(run_dir / "config.yaml").model, image_size=32)
     backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    model = fgvc.create_model("isqrt", backbone="test_resnet", num_classes=3,
-                              pretrained_file=str(result.run_dir / BACKBONE_FILE))
     images = torch.randn(2, 3, 32, 32)
     backbone.eval(), model.eval()
     with torch.no_grad():
         assert torch.equal(model.backbone(images), backbone(images))
+
+
+def test_the_backbone_file_loads_into_create_model_with_the_same_outputs(small_birds: Path, tmp_path: Path) -> None:
+    result = run_pretraining(small_birds, tmp_path, "handoff", "simclr", extra=("schedule.epochs=1",))
+    assert_same_backbone(result.run_dir, fgvc.create_model("isqrt", backbone="test_resnet", num_classes=3,
+                                                           pretrained_file=str(result.run_dir / BACKBONE_FILE)))
 
 
 def test_fgvc_train_starts_from_the_backbone_file_and_refuses_to_resume_a_pretraining_run(
@@ -172,15 +180,13 @@ def test_unlabeled_images_pretrain_and_eval_is_refused(tmp_path: Path, capsys: p
     assert not (tmp_path / "probed").exists()
 
 
-class _TokenMethod(SSLMethod):
-    needs_tokens = True
-
-
 @pytest.mark.parametrize(("args", "message"), [
     (["--method", "simclrr"], "ssl.method (--method): unknown self-supervised method 'simclrr'; did you mean "
                               "'simclr'?"),
-    (["--method", "tokens"], "ssl.method: tokens needs a ViT backbone (patch tokens), and model.backbone test_resnet "
-                             "is not one"),
+    (["--method", "dino", "--config", "synthbirds/pretrain"],
+     "ssl.method: dino needs a ViT backbone (patch tokens), and model.backbone test_resnet is not one"),
+    (["--method", "mae", "--config", "synthbirds/pretrain"], "ssl.method: mae needs a ViT backbone"),
+    (["--method", "dino", "--model", "test_resnet"], "model.backbone_args: {'patch_size': 8} not taken by test_resnet"),
     (["--method", "simclr", "model.head=isqrt"], "model.head: pretraining trains no classifier head"),
     (["--method", "simclr", "regularization.mixup_alpha=0.2"], "regularization: mixup, cutmix and snapmix mix labels"),
     (["--method", "simclr", "ssl.eval=[linear,linear]"], "must name each of linear, knn at most"),
@@ -190,9 +196,8 @@ class _TokenMethod(SSLMethod):
     (["--method", "simclr", "ssl.views_in_box=true", "--dataset", "unlabeled"],
      "ssl.views_in_box: unlabeled has no object boxes"),
 ])
-def test_bad_input_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-                                     args: list[str], message: str) -> None:
-    monkeypatch.setitem(METHODS._builders, "tokens", _TokenMethod)  # as DINO and MAE will register
+def test_bad_input_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
+                                     message: str) -> None:
     root = make_unlabeled(tmp_path / "photos")
     data = ["--data-dir", str(root)] if "unlabeled" in args else []
     assert pretrain_cli.main([*args, *data, f"output_dir={tmp_path}", "run_name=bad"]) == 2

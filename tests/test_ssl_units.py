@@ -7,7 +7,7 @@ Pinned here:
     base        cosine_momentum, ema_update (parameters only, never buffers), momentum_copy, embedding_std, mlp
     moco        KeyQueue: FIFO order, wrap-around, oversized batches, the queue in the state dict
     views       MultiViewTransform (keys, seeding), the published recipes and their overrides, views_in_box,
-                box_region
+                box_pixels
 
 Tolerances: the functions run in float32 and the references in float64; a float32 loss of a few units carries
 relative rounding of order 1e-7 per operation, so rtol 1e-5 leaves room for the reductions without hiding a wrong
@@ -29,7 +29,7 @@ from fgvc.errors import OptionError
 from fgvc.ssl.base import cosine_momentum, ema_update, embedding_std, mlp, momentum_copy
 from fgvc.ssl.losses import byol_loss, info_nce, nt_xent, simsiam_loss
 from fgvc.ssl.moco import KeyQueue
-from fgvc.ssl.views import MultiViewTransform, ViewRecipe, box_region, method_views
+from fgvc.ssl.views import MultiViewTransform, ViewRecipe, box_pixels, method_views
 
 F32 = {"rtol": 1e-5, "atol": 1e-6}  # float32 function against a float64 reference (see the module docstring)
 F64 = {"rtol": 1e-10, "atol": 1e-12}  # float64 against float64: only summation order differs
@@ -439,8 +439,8 @@ def test_method_views_overrides_replace_values_in_both_views(method: str) -> Non
 
 
 def test_method_views_unknown_method_is_an_option_error() -> None:
-    with pytest.raises(OptionError, match="dino"):
-        method_views("dino")
+    with pytest.raises(OptionError, match="'swav' has no view recipe; known: simclr, moco, simsiam, byol, dino, mae"):
+        method_views("swav")
 
 
 NO_COLOUR = ViewRecipe(jitter_prob=0.0, grayscale=0.0, blur=0.0, hflip=0.5)
@@ -477,16 +477,16 @@ def test_views_in_box_without_a_box_is_an_option_error() -> None:
     assert len(MultiViewTransform(method_views("moco"), 16)(sample, 0)["views"]) == 2
 
 
-def test_box_region_covers_fractional_boxes_and_never_is_empty() -> None:
-    image = np.arange(10 * 12 * 3, dtype=np.int64).reshape(10, 12, 3)
-    # floor of x0 and y0, ceil of x1 and y1
-    assert np.array_equal(box_region(image, np.array([2.3, 1.7, 7.2, 5.0])), image[1:5, 2:8])
-    assert np.array_equal(box_region(image, np.array([0.0, 0.0, 12.0, 10.0])), image)
-    assert np.array_equal(box_region(image, np.array([3.0, 4.0, 3.0, 4.0])), image[4:5, 3:4])  # degenerate
-    assert np.array_equal(box_region(image, np.array([5.5, 2.5, 5.5, 2.5])), image[2:3, 5:6])
+def test_box_pixels_cover_fractional_boxes_and_never_are_empty() -> None:
+    shape = (10, 12)
+    # floor of x0 and y0, ceil of x1 and y1 (exclusive)
+    assert box_pixels(shape, np.array([2.3, 1.7, 7.2, 5.0])) == (2, 1, 8, 5)
+    assert box_pixels(shape, np.array([0.0, 0.0, 12.0, 10.0])) == (0, 0, 12, 10)
+    assert box_pixels(shape, np.array([3.0, 4.0, 3.0, 4.0])) == (3, 4, 4, 5)  # degenerate: one pixel
+    assert box_pixels(shape, np.array([5.5, 2.5, 5.5, 2.5])) == (5, 2, 6, 3)
     # boxes reaching beyond the image are clipped to it, and still hold a pixel
-    assert np.array_equal(box_region(image, np.array([-3.0, -2.0, 20.0, 15.0])), image)
-    assert box_region(image, np.array([30.0, 30.0, 31.0, 31.0])).shape[:2] == (1, 1)
+    assert box_pixels(shape, np.array([-3.0, -2.0, 20.0, 15.0])) == (0, 0, 12, 10)
+    assert box_pixels(shape, np.array([30.0, 30.0, 31.0, 31.0])) == (11, 9, 12, 10)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,14 +6,19 @@ is resized to the image and its peak taken. Reported:
 - peak_in_box: % of images whose peak lies inside the object box;
 - peak_on_part (synthbirds): % of images whose peak lies within `part_radius` x the image side of a visible
   keypoint of a part that discriminates the true class from a class one attribute away.
+
+For a self-supervised ViT (attention_localization) the map is the class token's last-layer attention, averaged over
+heads: made without any label (the meter reads the label only to know which parts discriminate the class).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 
-from fgvc.models import FGVCModel
+from fgvc.models import Backbone, FGVCModel
 
 PART_RADIUS = 0.1  # of the image side: about the length of a synthbirds bill at the default pose scale
 
@@ -76,6 +81,24 @@ class LocalizationMeter:
         if self.parted:
             metrics["peak_on_part"] = 100.0 * self.on_part / self.parted
         return metrics
+
+
+@torch.no_grad()
+def attention_localization(backbone: Backbone, loader: Iterable[dict], batch_on_device: Callable[[dict], dict],
+                           meter: LocalizationMeter) -> dict[str, float]:
+    """The meter's metrics for the mean over heads of a ViT backbone's class-token attention
+    (Backbone.cls_attention) on every readable batch of `loader` (moved by `batch_on_device`, a Runtime's batch),
+    the backbone in eval mode meanwhile."""
+    training = backbone.training
+    backbone.eval()
+    try:
+        for batch in loader:
+            if batch:
+                batch = batch_on_device(batch)
+                meter.update(backbone.cls_attention(batch["image"]).float().mean(dim=1), batch)
+    finally:
+        backbone.train(training)
+    return meter.compute()
 
 
 def localization_line(metrics: dict[str, float]) -> str:

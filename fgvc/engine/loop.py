@@ -21,6 +21,7 @@ from fgvc.mixing import Mixer
 from fgvc.models import FGVCModel
 
 AMP_MODES = ("none", "bf16", "fp16")
+CLIP_MODES = ("norm", "parameter")
 
 
 @dataclass
@@ -74,17 +75,37 @@ class Runtime:
 @dataclass
 class Optimization:
     """How gradients become steps: the optimizer and its per-step schedule, gradients of `grad_accum` batches
-    summed per step, and for fp16 a gradient scaler."""
+    summed per step, for fp16 a gradient scaler, and gradient clipping (clip_grad; None: off) by the global norm
+    ("norm") or each parameter's ("parameter", DINO's), on the unscaled gradients."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     grad_accum: int = 1
     scaler: torch.amp.GradScaler | None = None
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+
+    def __post_init__(self) -> None:
+        if self.clip_mode not in CLIP_MODES:
+            raise OptionError("clip_mode", f"{self.clip_mode!r} is unknown; choose one of {', '.join(CLIP_MODES)}")
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
+    def clip(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        gradients = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.clip_mode == "norm":
+            nn.utils.clip_grad_norm_(gradients, self.clip_grad)
+            return
+        for parameter in gradients:  # DINO's clip_gradients: each parameter's norm on its own
+            scale = self.clip_grad / (parameter.grad.norm() + 1e-6)
+            parameter.grad.mul_(scale.clamp(max=1.0))
+
     def step(self) -> None:
+        if self.clip_grad is not None:
+            self.clip()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -168,6 +189,7 @@ def train_one_epoch(model: FGVCModel, criterion: nn.Module, optimization: Optimi
         check_finite(group, state, ranks.distributed)
         group.clear()
         ranks.before_optimizer_step()
+        model.before_optimizer_step(state.step)
         optimization.step()
         state.step += 1
         model.after_optimizer_step(state.step - 1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import save
 
-from fgvc.build import build_pretraining, knn_probe, probe_config
+from fgvc.build import PRETRAINING_COMMAND, build_pretraining, knn_probe, probe_config
 from fgvc.config import Config
 from fgvc.engine.trainer import Run, RunError, RunResult, run_task, train
 from fgvc.files import write_atomically
@@ -53,7 +53,7 @@ class PretrainingRun(Run):
     """Run's loop with pretraining's ends: after each epoch the k-NN monitor and the collapse guard (no model
     selection: the last epoch's backbone is the result); after the last, the weights file and the evaluations."""
 
-    command = "fgvc.pretrain"
+    command = PRETRAINING_COMMAND
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,13 +64,16 @@ class PretrainingRun(Run):
         setup, state = self.setup, self.state
         self.distributed.sync_buffers(setup.model)
         record = {"epoch": state.epoch, "train": stats}
+        guarded = "embedding_std" in stats  # MAE logs none: it has no collapse to guard against
         if setup.monitor:
             record["knn"] = self.knn("val")
-            self.say(f"epoch {state.epoch + 1}/{setup.epochs} val k-NN top-1 {record['knn']['top1']:.2f}%, "
-                     f"embedding std {stats['embedding_std']:.4f}")
+            std = f", embedding std {stats['embedding_std']:.4f}" if guarded else ""
+            self.say(f"epoch {state.epoch + 1}/{setup.epochs} val k-NN top-1 {record['knn']['top1']:.2f}%{std}")
         state.epoch, state.batch = state.epoch + 1, 0
         self.log.write("epoch", state.step, **record)
         self.checkpoint_last()
+        if not guarded:
+            return
         try:
             self.guard.check(stats["embedding_std"], setup.model.embedding_dim, state.epoch)
         except Collapsed as error:
@@ -78,8 +81,8 @@ class PretrainingRun(Run):
 
     def knn(self, split: str) -> dict[str, float]:
         ssl = self.setup.config.ssl
-        return knn_probe(self.setup.config, self.setup.model.backbone, self.setup.runtime, split=split, k=ssl.knn_k,
-                         temperature=ssl.knn_temperature, distributed=self.distributed)
+        return knn_probe(self.setup.config, self.setup.model.evaluated_backbone, self.setup.runtime, split=split,
+                         k=ssl.knn_k, temperature=ssl.knn_temperature, distributed=self.distributed)
 
     def finish(self) -> dict:
         """Write the backbone's weights, then run the evaluations of ssl.eval: what results.json holds."""

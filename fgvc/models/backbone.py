@@ -12,6 +12,7 @@ from typing import Any
 import timm
 import torch
 from timm.models import group_parameters
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from fgvc.errors import FGVCError, OptionError, load_failure, quiet_weights_only_load
@@ -121,6 +122,30 @@ class Backbone(nn.Module):
         if not getattr(patch_embed, "dynamic_img_pad", False) and (height % patch_h or width % patch_w):
             return f"its {patch_h} x {patch_w} patches must divide the input size"
         return None
+
+    def cls_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """B x heads x rows x columns: how the class token attends to each patch token in the last block of a timm
+        VisionTransformer (the softmax weights of its query's row, computed as the block's own attention computes
+        them), laid on the patch grid. Where a self-supervised ViT looks (DINO's Figure 1)."""
+        model = self.model
+        if not isinstance(model, VisionTransformer) or model.cls_token is None:
+            raise BackboneError(f"{type(model).__name__} is not a timm VisionTransformer with a class token, so it "
+                                "has no class-token attention to show")
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        for block in model.blocks[:-1]:
+            x = block(x)
+        last = model.blocks[-1]
+        if not hasattr(getattr(last, "attn", None), "qkv"):
+            raise BackboneError(f"the last block of {type(model).__name__} has no timm Attention (qkv) whose weights "
+                                "can be read")
+        attention, y = last.attn, last.norm1(x)
+        batch, count, _ = y.shape
+        qkv = attention.qkv(y).reshape(batch, count, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
+        query, key = attention.q_norm(qkv[0]), attention.k_norm(qkv[1])
+        weights = ((query * attention.scale) @ key.transpose(-2, -1)).softmax(dim=-1)
+        to_patches = weights[:, :, 0, self.num_prefix_tokens :]
+        rows, columns = self.token_grid(images.shape[-2:], to_patches.shape[-1])
+        return to_patches.reshape(batch, attention.num_heads, rows, columns)
 
     def token_grid(self, image_size: tuple[int, int], count: int) -> tuple[int, int]:
         """The (rows, columns) of patch tokens for an input of `image_size`, from the model's patch embedding."""

@@ -63,6 +63,9 @@ class FGVCModel(nn.Module):
         """Top-1 (%) of the training pass's logits on the batch's (unmixed) labels."""
         return {"top1": 100.0 * (outputs["logits"].argmax(dim=1) == batch["label"]).float().mean()}
 
+    def before_optimizer_step(self, step: int) -> None:
+        """Called before optimizer step `step` (0-based), with the step's gradients; a classifier leaves them."""
+
     def after_optimizer_step(self, step: int) -> None:
         """Called after optimizer step `step` (0-based); a classifier has nothing to update then."""
 

@@ -4,7 +4,8 @@ momentum encoder's exponential moving average with its cosine schedule.
 A method is an nn.Module with the engine's training interface (the one fgvc.models.FGVCModel has):
 training_step(batch, criterion) -> (outputs, losses) on a batch of views (fgvc.ssl.views: batch["views"] is a
 list of B x 3 x H x W tensors, and there is no label), parameter_groups() (the backbone, and the new layers: its
-heads), after_optimizer_step(step) (momentum encoders and queues), batch_statistics and compile(). Its backbone is
+heads), before_optimizer_step(step) and after_optimizer_step(step) (momentum encoders and queues), batch_statistics
+and compile(). Its backbone is
 a fgvc.models.Backbone; `backbone_weights()` is what the hand-off file holds, the timm model's own state dict, so
 `model.pretrained_file` loads it into any head.
 """
@@ -76,6 +77,7 @@ class SSLMethod(nn.Module, abc.ABC):
 
     running_statistics = ("embedding_std",)
     needs_tokens = False  # works on a ViT's patch tokens only (refused with a CNN backbone)
+    local_crops = 0  # multi-crop: the local crops it takes by default (0: none, its views only)
     embedding_dim: int  # the width of the embeddings whose std the collapse guard watches
     # Its forward is a collective under torchrun (negatives or keys gathered from every rank): every rank must run
     # every forward (fgvc.engine.distributed.DistributedStep).
@@ -95,8 +97,9 @@ class SSLMethod(nn.Module, abc.ABC):
         return self.backbone(images).mean(dim=(2, 3))
 
     @abc.abstractmethod
-    def views_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(The method's loss on the batch's views, the online embedding of the first view.)"""
+    def views_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(The method's loss on the batch's views, the online embedding of the first view: what embedding_std
+        reads; None for a method that logs no embedding statistics.)"""
 
     def training_step(self, batch: dict, criterion: Any = None) -> tuple[dict, dict[str, torch.Tensor]]:
         """The method's loss on batch["views"]; `criterion` is the engine's and unused (the loss is the method's)."""
@@ -106,6 +109,9 @@ class SSLMethod(nn.Module, abc.ABC):
     @staticmethod
     def batch_statistics(outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         return {"embedding_std": embedding_std(outputs["embedding"])}
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Called before optimizer step `step` (0-based), the gradients summed: a method may drop some here."""
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after optimizer step `step` (0-based): momentum encoders move here."""
@@ -120,14 +126,24 @@ class SSLMethod(nn.Module, abc.ABC):
                 "head": [p for head in self.heads().values() for p in head.parameters() if p.requires_grad]}
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
-        """torch.compile the backbone and every head in place (momentum copies included)."""
-        for module in (self.backbone, *self.heads().values(), *self.momentum_modules()):
+        """torch.compile in place what the method's forward calls (compiled_modules)."""
+        for module in self.compiled_modules():
             module.compile(*args, **kwargs)
+
+    def compiled_modules(self) -> list[nn.Module]:
+        """The modules whose own forward the method calls: the backbone and every head (momentum copies included)."""
+        return [self.backbone, *self.heads().values(), *self.momentum_modules()]
 
     def momentum_modules(self) -> list[nn.Module]:
         """The frozen copies that follow the online network by EMA (none for SimCLR and SimSiam)."""
         return []
 
+    @property
+    def evaluated_backbone(self) -> Backbone:
+        """The backbone the run hands on and evaluates (monitor, probes, attention): the online one."""
+        return self.backbone
+
     def backbone_weights(self) -> dict[str, torch.Tensor]:
-        """The online backbone's weights as timm names them (its own state dict), contiguous, for the hand-off."""
-        return {name: tensor.detach().contiguous().cpu() for name, tensor in self.backbone.model.state_dict().items()}
+        """The evaluated backbone's weights as timm names them (its own state dict), contiguous, for the hand-off."""
+        state = self.evaluated_backbone.model.state_dict()
+        return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
