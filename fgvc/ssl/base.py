@@ -4,9 +4,9 @@ momentum encoder's exponential moving average with its cosine schedule.
 A method is an nn.Module with the engine's training interface (the one fgvc.models.FGVCModel has):
 training_step(batch, criterion) -> (outputs, losses) on a batch of views (fgvc.ssl.views: batch["views"] is a
 list of B x 3 x H x W tensors, and there is no label), parameter_groups() (the backbone, and the new layers: its
-heads), before_optimizer_step(step) and after_optimizer_step(step) (momentum encoders and queues), batch_statistics
-and compile(). Its backbone is
-a fgvc.models.Backbone; `backbone_weights()` is what the hand-off file holds, the timm model's own state dict, so
+heads), before_optimizer_step(step) and after_optimizer_step(step) (momentum encoders and queues),
+batch_statistics and compile(). Its backbone is a fgvc.models.Backbone; `backbone_weights()` is what the hand-off
+file holds (the evaluated backbone's: the online one, DINO's teacher), the timm model's own state dict, so
 `model.pretrained_file` loads it into any head.
 """
 

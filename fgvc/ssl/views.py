@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import albumentations as A
 import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 
 from fgvc.data.loader import derived_seed
@@ -195,7 +196,7 @@ class MultiViewTransform:
                       for position in range(len(views), len(views) + self.local.count)]
         return {"views": views, "index": sample["index"]}
 
-    def local_crop(self, image: np.ndarray, parts: np.ndarray | None, index: int, seed: int):
+    def local_crop(self, image: np.ndarray, parts: np.ndarray | None, index: int, seed: int) -> torch.Tensor:
         """One local crop: on a visible part when asked and there is one, else a random resized crop."""
         if self.local.on_parts:
             if parts is None:
