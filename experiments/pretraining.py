@@ -166,10 +166,10 @@ def centre_peaks(scratch: Path, family: Family) -> dict[str, float]:
     cfg = configured(scratch, 0, family.recipe)
     dataset = build_dataset(cfg.data, "test")
     meter = meter_for(dataset)
+    side = cfg.data.image_size
+    grid = torch.arange(side, dtype=torch.float32) - (side - 1) / 2
+    bump = -(grid[:, None] ** 2 + grid[None, :] ** 2)
     for batch in build_eval_loader(cfg, dataset, build_preprocessing(cfg), split="test"):
-        side = cfg.data.image_size
-        grid = torch.arange(side, dtype=torch.float32) - (side - 1) / 2
-        bump = -(grid[:, None] ** 2 + grid[None, :] ** 2)
         meter.update(bump.expand(len(batch["image"]), side, side), batch)
     return meter.compute()
 

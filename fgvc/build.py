@@ -911,12 +911,18 @@ def attention_metrics(cfg: Config, backbone: Backbone, runtime: Runtime, split: 
     return attention_localization(backbone, loader, runtime.batch, meter)
 
 
+def run_split(cfg: Config, split: str) -> Dataset:
+    """A split of a run's data (cfg.data), checked not to be empty."""
+    dataset = build_dataset(cfg.data, split)
+    if len(dataset) == 0:
+        raise ConfigError(f"the {split} split of {cfg.data.root or cfg.data.dataset} is empty"
+                          f"{' (the run trained with data.val_fraction=0)' if split == 'val' else ''}")
+    return dataset
+
+
 def dataset_for(loaded: LoadedModel, split: str) -> Dataset:
     """A split of the data the model was trained on, checked to have the same classes."""
-    dataset = build_dataset(loaded.config.data, split)
-    if len(dataset) == 0:
-        raise ConfigError(f"the {split} split of {loaded.config.data.root or loaded.config.data.dataset} is empty"
-                          f"{' (the run trained with data.val_fraction=0)' if split == 'val' else ''}")
+    dataset = run_split(loaded.config, split)
     if list(dataset.classes) != loaded.classes:
         raise ConfigError(f"the {split} split of {loaded.config.data.root or loaded.config.data.dataset} has "
                           "other classes than the ones the model was trained on")

@@ -32,18 +32,18 @@ from fgvc.build import (
     LoadedMethod,
     LoadedModel,
     attention_metrics,
-    build_dataset,
     dataset_for,
     is_pretraining,
     load_model,
     load_pretraining,
+    run_split,
 )
 from fgvc.config import ConfigError
 from fgvc.data.images import ImageReadError
 from fgvc.data.splits import SPLITS
 from fgvc.engine.checkpoint import load_checkpoint
 from fgvc.engine.inference import MAP_SOURCES, where_it_looks
-from fgvc.engine.localization import localization_line
+from fgvc.engine.localization import localization_line, meter_for
 from fgvc.errors import command
 from fgvc.ssl.mae import MAE
 from fgvc.viz import attention_figure, image_grid, save_figure, to_uint8_image
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = load_checkpoint(args.checkpoint)
     if is_pretraining(state):
         pretrained = load_pretraining(args.checkpoint, device=args.device, data_root=args.data_dir, state=state)
-        dataset = build_dataset(pretrained.config.data, args.split)
+        dataset = run_split(pretrained.config, args.split)
         indices = chosen_images(parser, args, len(dataset))
         if args.mae:
             return reconstructions(pretrained, dataset, indices, args, out)
@@ -147,8 +147,11 @@ def attention_pictures(pretrained: LoadedMethod, dataset, indices: list[int], ar
                                   box=sample["bbox"].tolist() if "bbox" in sample else None,
                                   parts=sample["parts"].numpy() if "parts" in sample else None)
         print(save_figure(figure, out / f"attention-{args.split}-{index:05d}.png"))
-    metrics = attention_metrics(pretrained.config, backbone, runtime, args.split)
-    print(f"{args.split} split, class-token {localization_line(metrics)}")
+    if meter_for(dataset) is None:
+        print(f"{pretrained.config.data.dataset} has no object boxes or part keypoints: no localization metrics")
+    else:
+        metrics = attention_metrics(pretrained.config, backbone, runtime, args.split)
+        print(f"{args.split} split, class-token {localization_line(metrics)}")
     return 1 if failures else 0
 
 

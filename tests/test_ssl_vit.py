@@ -124,6 +124,20 @@ def test_visualize_shows_and_measures_attention_and_draws_mae_reconstructions(
     assert [path.name for path in (tmp_path / "m").iterdir()] == ["mae-test.png"]
 
 
+def test_visualize_draws_attention_on_data_without_boxes_and_says_it_measures_none(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_unlabeled(tmp_path / "photos")
+    cfg = vit_config(root, tmp_path, "plain", "dino", "data.dataset=unlabeled", "schedule.epochs=1",
+                     "data.batch_size=4")
+    run = pretrain(cfg)
+    assert visualize_cli.main(["--checkpoint", str(run.run_dir / "last.pt"), "--split", "train", "--indices", "1",
+                               "--out", str(tmp_path / "a")]) == 0
+    assert "unlabeled has no object boxes or part keypoints: no localization metrics" in capsys.readouterr().out
+    assert [path.name for path in (tmp_path / "a").iterdir()] == ["attention-train-00001.png"]
+    assert visualize_cli.main(["--checkpoint", str(run.run_dir / "last.pt"), "--split", "val"]) == 2
+    assert "unlabeled images have no val split (only train, all of them)" in capsys.readouterr().err
+
+
 def test_two_ranks_pretrain_dino_with_one_centre(small_birds: Path, tmp_path: Path) -> None:
     """The centre is the mean over every rank's teacher outputs: a collective in every forward."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",

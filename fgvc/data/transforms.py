@@ -107,7 +107,7 @@ class PartAwareTransform:
     """Applies an Albumentations Compose to a raw sample dict (fgvc.data.cub) and returns tensors.
 
     The randomness of one call is fixed by `seed`, so the caller decides what it depends on (fgvc.data.loader uses
-    (run seed, epoch, sample index)). Output keys: image (3 x H x W float), label, index, and where present bbox
+    (run seed, epoch, sample index)). Output keys: image (3 x H x W float), index, and where present label, bbox
     (x0, y0, x1, y1; all zeros when the box left the frame), parts (P x 3: x, y, visible), attributes.
     """
 
@@ -130,7 +130,9 @@ class PartAwareTransform:
         out = self.compose(image=image, keypoints=np.concatenate([parts[visible, :2], corners]).astype(np.float32))
         moved = np.asarray(out["keypoints"], dtype=np.float32).reshape(-1, 2)
         height, width = out["image"].shape[-2:]
-        result = {"image": out["image"], "label": sample["label"], "index": sample["index"]}
+        result = {"image": out["image"], "index": sample["index"]}
+        if "label" in sample:  # unlabeled data (fgvc.data.generic.load_unlabeled) have none
+            result["label"] = sample["label"]
         if has_box:
             result["bbox"] = _enclosing_box(moved[len(moved) - 4 :], width, height)
         if has_parts:
